@@ -1,0 +1,169 @@
+"""The `trtbuild` command line: a thin layer over the builder and clients functions."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from builder.errors import TrtbuildError
+
+console = Console(stderr=True)
+
+
+class TrtbuildGroup(click.Group):
+    """Prints a TrtbuildError as one red line and exits 2, never with a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TrtbuildError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+
+@click.group(cls=TrtbuildGroup)
+@click.version_option(package_name="trtbuild")
+def main() -> None:
+    """Hugging Face checkpoint -> TensorRT-LLM / ONNX build -> Triton model repository."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_options(f):
+    """Options every LLM build shares; one place so `repo`, `engine` and `compose` agree."""
+    options = [
+        click.option("--max-batch-size", type=int, default=8, show_default=True, help="Largest in-flight batch."),
+        click.option("--max-input-len", type=int, default=512, show_default=True, help="Longest prompt, in tokens."),
+        click.option("--max-output-len", type=int, default=256, show_default=True, help="Most generated tokens."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--tokenizer-dir", type=click.Path(path_type=Path), default=None, help="Defaults to the checkpoint."),
+        click.option("--kv-cache-page-size", type=int, default=32, show_default=True, help="Tokens per KV-cache block."),
+        click.option("--kv-cache-free-gpu-mem-fraction", type=float, default=0.9, show_default=True),
+        click.option("--exclude-input-in-output/--include-input-in-output", default=True, show_default=True),
+    ]
+    return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
+
+
+def spec_from_options(checkpoint: Path, runtime: str, **o):
+    from builder.checkpoint import check_tokenizer, load_model_spec
+    from builder.spec import BuildSpec, KVCacheSpec
+
+    model = load_model_spec(checkpoint, need_tokenizer=o.get("tokenizer_dir") is None)
+    if o.get("tokenizer_dir") is not None:
+        check_tokenizer(o["tokenizer_dir"])
+    return BuildSpec(
+        checkpoint=Path(checkpoint).absolute(),
+        model=model,
+        runtime=runtime,
+        dtype=o["dtype"],
+        device=o["device"],
+        max_batch_size=o["max_batch_size"],
+        max_input_len=o["max_input_len"],
+        max_output_len=o["max_output_len"],
+        tokenizer_dir=Path(o["tokenizer_dir"]).absolute() if o.get("tokenizer_dir") else None,
+        kv_cache=KVCacheSpec(page_size=o["kv_cache_page_size"], free_gpu_mem_fraction=o["kv_cache_free_gpu_mem_fraction"]),
+        exclude_input_in_output=o["exclude_input_in_output"],
+    )
+
+
+@main.command("demo-checkpoint")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--model", "kind", type=click.Choice(["smollm2", "tiny-llama"]), default="smollm2", show_default=True,
+              help="smollm2: trained SmolLM2-135M-Instruct; tiny-llama: random 2-layer Llama for tests.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+def demo_checkpoint(out: Path, kind: str, force: bool) -> None:
+    """Write the embedded demo checkpoint (no download needed)."""
+    from builder.checkpoint import write_demo_checkpoint
+
+    with console.status(f"writing the {kind} checkpoint to {out}"):
+        write_demo_checkpoint(out, kind, force=force)
+    console.print(f"[green]wrote[/] {out}")
+
+
+@main.command("repo")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model repository to write.")
+@click.option("--runtime", type=click.Choice(["transformers"]), default="transformers", show_default=True)
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@build_options
+def repo(checkpoint: Path, out: Path, runtime: str, force: bool, **options) -> None:
+    """Generate a Triton model repository for CHECKPOINT."""
+    from builder.repository import generate
+
+    spec = spec_from_options(checkpoint, runtime, **options)
+    generate(spec, out, force=force)
+    console.print(f"[green]wrote[/] {out} ({spec.names.ensemble}, {spec.names.bls}; runtime {runtime})")
+
+
+@main.command("serve")
+@click.argument("repository", type=click.Path(path_type=Path))
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--tritonserver", "binary", type=click.Path(path_type=Path), default=None,
+              help="A system tritonserver instead of the one in the nvidia-pytriton wheel.")
+@click.option("--timeout", type=float, default=300, show_default=True, help="Seconds to wait for readiness.")
+def serve(repository: Path, http_port: int, grpc_port: int, metrics_port: int, binary: Path | None, timeout: float) -> None:
+    """Start a local Triton server on REPOSITORY; Ctrl-C stops it."""
+    from builder.server import ServerOptions, TritonInstall, TritonServer
+
+    install = TritonInstall.from_binary(binary) if binary else None
+    server = TritonServer(repository, ServerOptions(http_port, grpc_port, metrics_port), install=install)
+    with console.status("starting tritonserver") as status:
+        server.start(timeout=timeout, progress=lambda s: status.update(f"starting tritonserver ({s:.0f} s)"))
+    console.print(
+        f"[green]ready[/]: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  log {server.log_path}"
+    )
+    try:
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        raise TrtbuildError(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
+    except KeyboardInterrupt:
+        console.print("stopping tritonserver")
+    finally:
+        server.stop()
+
+
+@main.command("generate")
+@click.argument("prompt")
+@click.option("--url", default="127.0.0.1:8001", show_default=True, help="host:port (gRPC port for grpc, HTTP port for http).")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option("--model", default="ensemble", show_default=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--stream/--no-stream", default=False)
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+def generate_cmd(prompt: str, url: str, protocol: str, model: str, max_tokens: int, stream: bool, **sampling) -> None:
+    """Send PROMPT to a running server and print the answer."""
+    from clients.generate import GenerationError, make_generator
+
+    client = make_generator(url, protocol, model)
+    try:
+        for _, text, _ in client.stream(prompt, max_tokens, stream, **sampling):
+            click.echo(text, nl=False)
+        click.echo()
+    except GenerationError as e:
+        raise TrtbuildError(f"the server refused the request: {e}") from None
+    except Exception as e:  # connection errors from grpc/requests
+        raise TrtbuildError(f"cannot reach {protocol} server at {url}: {e}") from None
+    finally:
+        client.close()
+
+
+@main.command("demo")
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("artifacts/demo"), show_default=True)
+@click.option("--model", "kind", type=click.Choice(["smollm2", "tiny-llama"]), default="smollm2", show_default=True)
+@click.option("--max-tokens", type=int, default=32, show_default=True)
+def demo(workdir: Path, kind: str, max_tokens: int) -> None:
+    """The main job on the embedded default: checkpoint -> repository -> server -> gRPC/HTTP generations."""
+    from builder.demo import run_demo
+
+    run_demo(workdir, kind=kind, max_tokens=max_tokens, console=console)

@@ -1,0 +1,100 @@
+"""Business Logic Scripting alternative to the ensemble.
+
+It calls preprocessing, the LLM step and postprocessing itself. When streaming it detokenizes the
+tokens accumulated so far and sends only the new text, so characters and spaces that span tokens
+come out exactly as in the non-streamed text.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from trtbuild_utils import error_response, optional, parameters, scalar, tensor
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+PREPROCESSING_INPUTS = {
+    "QUERY": "text_input",
+    "REQUEST_OUTPUT_LEN": "max_tokens",
+    "BAD_WORDS_DICT": "bad_words",
+    "STOP_WORDS_DICT": "stop_words",
+    "END_ID": "end_id",
+    "PAD_ID": "pad_id",
+}
+PREPROCESSED = {
+    "input_ids": "INPUT_ID",
+    "input_lengths": "REQUEST_INPUT_LEN",
+    "request_output_len": "REQUEST_OUTPUT_LEN",
+    "end_id": "OUT_END_ID",
+    "pad_id": "OUT_PAD_ID",
+    "stop_words_list": "STOP_WORDS_IDS",
+    "bad_words_list": "BAD_WORDS_IDS",
+}
+PASSTHROUGH_OUTPUTS = ("cum_log_probs", "output_log_probs", "context_logits", "generation_logits", "batch_index", "sequence_index")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        _, params = parameters(args)
+        self.preprocessing = params["preprocessing_model"]
+        self.llm = params["llm_model"]
+        self.postprocessing = params["postprocessing_model"]
+        self.direct_inputs = json.loads(params["llm_input_map"])  # llm input -> our input
+        self.accumulate = params.get("accumulate_tokens", "true").lower() == "true"
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._run(request, sender)
+            except Exception as e:  # noqa: BLE001 - reported to the client, never swallowed
+                sender.send(error_response(str(e)), flags=FINAL)
+        return None
+
+    def _call(self, model, inputs, decoupled=False):
+        request = pb_utils.InferenceRequest(
+            model_name=model,
+            inputs=[i for i in inputs if i is not None],
+            requested_output_names=[],
+        )
+        return request.exec(decoupled=decoupled)
+
+    def _run(self, request, sender):
+        streaming = bool(scalar(request, "stream", False))
+        pre = self._call(self.preprocessing, [_forward(request, ours, theirs) for theirs, ours in PREPROCESSING_INPUTS.items()])
+        if pre.has_error():
+            raise RuntimeError(pre.error().message())
+        llm_inputs = [pb_utils.Tensor(name, pb_utils.get_output_tensor_by_name(pre, src).as_numpy()) for name, src in PREPROCESSED.items()]
+        llm_inputs += [_forward(request, ours, theirs) for theirs, ours in self.direct_inputs.items()]
+        tokens = np.zeros((1, 1, 0), np.int32)
+        text_so_far = ""
+        for response in self._call(self.llm, llm_inputs, decoupled=True):
+            if response.has_error():
+                raise RuntimeError(response.error().message())
+            ids = pb_utils.get_output_tensor_by_name(response, "output_ids")
+            if ids is None:
+                continue  # the empty final response
+            chunk = ids.as_numpy()
+            tokens = np.concatenate([tokens, chunk], axis=-1) if (streaming and self.accumulate) else chunk
+            text = self._detokenize(tokens)
+            delta = text[len(text_so_far):] if (streaming and self.accumulate) else text
+            text_so_far = text
+            outputs = [tensor("text_output", np.array([[delta.encode("utf-8")]], dtype=np.object_))]
+            outputs += [pb_utils.Tensor(n, pb_utils.get_output_tensor_by_name(response, n).as_numpy()) for n in PASSTHROUGH_OUTPUTS
+                        if pb_utils.get_output_tensor_by_name(response, n) is not None]
+            reply = pb_utils.InferenceResponse(output_tensors=outputs)
+            sender.send(reply, flags=0 if streaming else FINAL)
+        if streaming:
+            sender.send(flags=FINAL)
+
+    def _detokenize(self, tokens):
+        lengths = np.array([[tokens.shape[-1]]], np.int32)
+        post = self._call(self.postprocessing, [pb_utils.Tensor("TOKENS_BATCH", tokens), pb_utils.Tensor("SEQUENCE_LENGTH", lengths)])
+        if post.has_error():
+            raise RuntimeError(post.error().message())
+        return pb_utils.get_output_tensor_by_name(post, "OUTPUT").as_numpy().reshape(-1)[0].decode("utf-8")
+
+
+def _forward(request, ours, theirs):
+    value = optional(request, ours)
+    return None if value is None else pb_utils.Tensor(theirs, value)

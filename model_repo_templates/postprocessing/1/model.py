@@ -1,0 +1,31 @@
+"""Detokenize output_ids into text_output."""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from trtbuild_utils import load_tokenizer, optional, parameters, tensor
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        _, params = parameters(args)
+        self.tokenizer = load_tokenizer(params["tokenizer_dir"])
+        self.skip_special_tokens = params.get("skip_special_tokens", "true").lower() == "true"
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            tokens = optional(request, "TOKENS_BATCH")  # [batch, beams, tokens]
+            lengths = optional(request, "SEQUENCE_LENGTH")  # [batch, beams]
+            texts = [
+                [self._decode(tokens[b, k, : lengths[b, k]]) for k in range(tokens.shape[1])]
+                for b in range(tokens.shape[0])
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=[tensor("OUTPUT", np.array(texts, dtype=np.object_))]))
+        return responses
+
+    def _decode(self, ids):
+        text = self.tokenizer.decode(
+            ids.tolist(), skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+        return text.encode("utf-8")
