@@ -143,17 +143,17 @@ def serve(repository: Path, http_port: int, grpc_port: int, metrics_port: int, b
 @click.option("--top-p", type=float, default=None)
 def generate_cmd(prompt: str, url: str, protocol: str, model: str, max_tokens: int, stream: bool, **sampling) -> None:
     """Send PROMPT to a running server and print the answer."""
-    from clients.generate import GenerationError, make_generator
+    from clients.generate import GenerationError, ServerUnavailable, make_generator
 
     client = make_generator(url, protocol, model)
     try:
         for _, text, _ in client.stream(prompt, max_tokens, stream, **sampling):
             click.echo(text, nl=False)
         click.echo()
+    except ServerUnavailable as e:
+        raise TrtbuildError(f"cannot reach a {protocol} server at {url}", hint="is `trtbuild serve` running? check --url and --protocol") from e
     except GenerationError as e:
         raise TrtbuildError(f"the server refused the request: {e}") from None
-    except Exception as e:  # connection errors from grpc/requests
-        raise TrtbuildError(f"cannot reach {protocol} server at {url}: {e}") from None
     finally:
         client.close()
 

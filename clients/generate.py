@@ -46,6 +46,10 @@ class GenerationError(RuntimeError):
     """The server answered with an error."""
 
 
+class ServerUnavailable(GenerationError):
+    """Nothing answers at the URL."""
+
+
 @dataclasses.dataclass
 class GenerationResult:
     text: str
@@ -111,7 +115,8 @@ class GrpcGenerator:
             while True:
                 arrived, result, error = results.get(timeout=600)
                 if error is not None:
-                    raise GenerationError(str(error))
+                    status = getattr(error, "status", lambda: None)()
+                    raise (ServerUnavailable if status == "StatusCode.UNAVAILABLE" else GenerationError)(str(error))
                 response = result.get_response()
                 final = response.parameters.get("triton_final_response")
                 if response.outputs:
@@ -139,7 +144,11 @@ class HttpGenerator:
         body: dict[str, Any] = {"text_input": prompt, "max_tokens": max_tokens, "stream": stream}
         body.update({k: v for k, v in params.items() if v is not None})
         endpoint = "generate_stream" if stream else "generate"
-        with self.session.post(f"{self.base}/v2/models/{self.model}/{endpoint}", json=body, stream=stream, timeout=600) as r:
+        try:
+            r = self.session.post(f"{self.base}/v2/models/{self.model}/{endpoint}", json=body, stream=stream, timeout=600)
+        except requests.ConnectionError as e:
+            raise ServerUnavailable(str(e)) from None
+        with r:
             if not stream:
                 data = r.json()
                 arrived = time.perf_counter()

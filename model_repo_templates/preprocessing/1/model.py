@@ -48,14 +48,19 @@ class TritonPythonModel:
         )
 
     def _words(self, words, batch):
-        """[batch, 2, N]: row 0 the concatenated token ids, row 1 each word's end offset (-1 padded)."""
+        """[batch, 2, N]: row 0 the concatenated token ids, row 1 each word's end offset (-1 padded).
+
+        A word inside text usually follows a space, which BPE tokenizers fold into the word's first
+        token, so each word is matched both as written and with a leading space.
+        """
         rows = []
         for b in range(batch):
             item = [] if words is None else [w for w in strings(words.reshape(batch, -1)[b]) if w]
             flat, offsets = [], []
             for word in item:
-                flat += self.tokenizer.encode(word, add_special_tokens=False)
-                offsets.append(len(flat))
+                for variant in _variants(word):
+                    flat += self.tokenizer.encode(variant, add_special_tokens=False)
+                    offsets.append(len(flat))
             rows.append((flat, offsets))
         width = max(1, max(len(f) for f, _ in rows))
         out = np.zeros((batch, 2, width), np.int32)
@@ -64,6 +69,10 @@ class TritonPythonModel:
             out[b, 0, : len(flat)] = flat
             out[b, 1, : len(offsets)] = offsets
         return out
+
+
+def _variants(word):
+    return (word,) if word[:1].isspace() else (word, " " + word)
 
 
 def _column(value, batch, default):
