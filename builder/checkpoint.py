@@ -78,6 +78,7 @@ def write_demo_checkpoint(out: Path, kind: str = "smollm2", *, force: bool = Fal
         raise TrtbuildError(f"unknown demo checkpoint '{kind}'", hint=f"choose one of {', '.join(DEMO_KINDS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     with atomic_output_dir(Path(out), force=force) as staging:
         tokenizer = load_smollm2_tokenizer()
         if kind == "smollm2":

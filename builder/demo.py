@@ -29,7 +29,10 @@ PROMPTS = (
 def reference_greedy(checkpoint: Path, prompts: list[str], max_tokens: int) -> list[str]:
     """transformers `generate` (greedy) on the checkpoint: what the server must reproduce."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.logging.disable_progress_bar()
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
@@ -91,14 +94,17 @@ def run_demo(workdir: Path, *, kind: str = "smollm2", max_tokens: int = 32, cons
     finally:
         server.stop()
 
-    table = Table(title=f"trtbuild demo: {kind} on local Triton (transformers runtime)")
-    for col in ("protocol", "model", "stream", "prompt + answer", "chunks", "TTFT ms", "latency ms", "= HF greedy"):
+    out = Console()
+    table = Table(title=f"trtbuild demo: {kind} on local Triton 2.51 (transformers runtime, CPU)")
+    for col in ("#", "protocol", "model", "stream", "chunks", "TTFT ms", "latency ms", "= transformers greedy"):
         table.add_column(col)
-    for r in rows:
-        table.add_row(r["protocol"], r["model"], str(r["stream"]), f"{r['prompt']}[bold]{r['text']}[/]", str(r["chunks"]),
-                      f"{r['ttft_ms']:.0f}", f"{r['latency_ms']:.0f}", "[green]yes[/]" if r["matches_reference"] else "[red]no[/]")
-    Console().print(table)
-    Console().print(f"server metrics for the ensemble: {counts}")
+    for i, r in enumerate(rows, 1):
+        table.add_row(str(i), r["protocol"], r["model"], str(r["stream"]), str(r["chunks"]), f"{r['ttft_ms']:.0f}",
+                      f"{r['latency_ms']:.0f}", "[green]yes[/]" if r["matches_reference"] else "[red]no[/]")
+    out.print(table)
+    for i, r in enumerate(rows, 1):
+        out.print(f"[bold]{i}.[/] {r['prompt']}[cyan]{r['text']}[/]", highlight=False)
+    out.print(f"server counts for the ensemble (/metrics): {counts}")
     report = {"checkpoint": str(checkpoint), "repository": str(repository), "calls": rows, "server_counts": counts}
     (workdir / "report.json").write_text(json.dumps(report, indent=2))
     if not all(r["matches_reference"] for r in rows):

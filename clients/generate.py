@@ -38,6 +38,8 @@ INPUT_DTYPES: dict[str, Any] = {
     "stream": np.bool_,
     "exclude_input_in_output": np.bool_,
     "num_return_sequences": np.int32,
+    "return_num_input_tokens": np.bool_,
+    "return_num_output_tokens": np.bool_,
 }
 TRITON_DTYPES = {np.int32: "INT32", np.float32: "FP32", np.uint64: "UINT64", np.bool_: "BOOL"}
 
@@ -109,14 +111,16 @@ class GrpcGenerator:
             inputs.append(t)
         self.client.start_stream(callback=lambda result, error: results.put((time.perf_counter(), result, error)))
         try:
-            self.client.async_stream_infer(
-                self.model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True
-            )
+            try:
+                self.client.async_stream_infer(
+                    self.model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True
+                )
+            except self._grpc.InferenceServerException as e:  # the stream died before the request went out
+                results.put((time.perf_counter(), None, e))
             while True:
                 arrived, result, error = results.get(timeout=600)
                 if error is not None:
-                    status = getattr(error, "status", lambda: None)()
-                    raise (ServerUnavailable if status == "StatusCode.UNAVAILABLE" else GenerationError)(str(error))
+                    raise _grpc_error(error)
                 response = result.get_response()
                 final = response.parameters.get("triton_final_response")
                 if response.outputs:
@@ -130,6 +134,12 @@ class GrpcGenerator:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _grpc_error(error: Exception) -> GenerationError:
+    status = getattr(error, "status", lambda: None)()
+    unavailable = status == "StatusCode.UNAVAILABLE" or "no longer in valid state" in str(error)
+    return (ServerUnavailable if unavailable else GenerationError)(str(error))
 
 
 class HttpGenerator:

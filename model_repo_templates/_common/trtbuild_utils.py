@@ -45,10 +45,24 @@ def error_response(message, code=None):
     return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
 
-def load_tokenizer(path):
-    from transformers import AutoTokenizer
+def words_list(words):
+    """Decode NVIDIA's [1, 2, N] words layout (ids, end offsets) into token sequences."""
+    if words is None or words.size == 0:
+        return []
+    words = words.reshape(-1, 2, words.shape[-1])[0]
+    ids, offsets = words[0].tolist(), [o for o in words[1].tolist() if o >= 0]
+    out, start = [], 0
+    for end in offsets:
+        if end > start:
+            out.append(ids[start:end])
+        start = end
+    return out
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+
+def stop_index(tokens, stop_words, start=0):
+    """Where the first stop sequence beginning at or after `start` begins, or None."""
+    for i in range(max(0, start), len(tokens)):
+        for word in stop_words:
+            if tokens[i : i + len(word)] == word:
+                return i
+    return None

@@ -14,7 +14,9 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trtbuild_utils import error_response, load_tokenizer, optional, parameters, scalar, tensor
+import llm_runtime as runtime
+from trtbuild_tokenizer import load_tokenizer
+from trtbuild_utils import error_response, optional, parameters, scalar, stop_index, tensor, words_list
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -36,7 +38,7 @@ class _State:
     """One request in flight."""
 
     __slots__ = ("sender", "request", "prompt", "streaming", "exclude_input", "return_log_probs",
-                 "stop_words", "holdback", "sent", "cum_log_prob", "done")
+                 "stop_words", "holdback", "sent", "checked", "cum_log_prob", "done")
 
     def __init__(self, sender, request, prompt, streaming, exclude_input, return_log_probs, stop_words):
         self.sender = sender
@@ -48,50 +50,33 @@ class _State:
         self.stop_words = stop_words
         self.holdback = max((len(w) for w in stop_words), default=1) - 1
         self.sent = 0
+        self.checked = 0  # tokens already searched for stop words
         self.cum_log_prob = 0.0
         self.done = False
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        import torch
         import transformers
-        from transformers import AutoModelForCausalLM, GenerationConfig
-        from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         transformers.logging.set_verbosity_error()
         config, p = parameters(args)
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("the transformers LLM step must be decoupled")
-        device = p["device"]
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.max_input_len = int(p["max_input_len"])
         self.max_output_len = int(p["max_output_len"])
         self.max_seq_len = self.max_input_len + self.max_output_len
         self.exclude_input_default = p["exclude_input_in_output"].lower() == "true"
         self.tokenizer = load_tokenizer(p["tokenizer_dir"])
-        model = AutoModelForCausalLM.from_pretrained(
-            p["checkpoint_dir"], dtype=getattr(torch, p["dtype"]), attn_implementation="sdpa"
-        ).to(device).eval()
-        self.vocab_size = model.config.vocab_size
         self.default_end_id = self.tokenizer.eos_token_id
-        # Sampling processors exist only when their defaults are not neutral; every request then
-        # passes its own values (top_k 1 for greedy), so one running batch mixes both kinds.
-        self.generation_config = GenerationConfig(
-            do_sample=True, temperature=0.5, top_k=50, top_p=0.9, max_new_tokens=self.max_output_len,
+        self.model = runtime.load_model(p["checkpoint_dir"], p["dtype"], p["device"], p.get("quantization", "none"))
+        self.vocab_size = self.model.config.vocab_size
+        self.cb_options = dict(
             eos_token_id=self.default_end_id, pad_token_id=self.tokenizer.pad_token_id,
+            max_input_len=self.max_input_len, max_output_len=self.max_output_len,
+            page_size=int(p["kv_cache_page_size"]), num_blocks=int(p["kv_cache_num_blocks"]),
+            free_gpu_mem_fraction=float(p["kv_cache_free_gpu_mem_fraction"]),
         )
-        page_size = int(p["kv_cache_page_size"])
-        cb = dict(page_size=page_size, per_request_processors=True, return_logprobs=True)
-        if device == "cpu":
-            cb.update(num_blocks=int(p["kv_cache_num_blocks"]), max_batch_tokens=max(256, self.max_input_len))
-        else:
-            cb.update(max_memory_percent=float(p["kv_cache_free_gpu_mem_fraction"]))
-            if p.get("kv_cache_num_blocks"):
-                cb.update(num_blocks=int(p["kv_cache_num_blocks"]))
-        self.cb_config = ContinuousBatchingConfig(**cb)
-        self.model = model
         self.lock = threading.Lock()
         self.active = {}
         self.stopping = threading.Event()
@@ -100,10 +85,9 @@ class TritonPythonModel:
         self.dispatcher.start()
 
     def _start_manager(self):
-        self.manager = self.model.init_continuous_batching(
-            generation_config=self.generation_config, continuous_batching_config=self.cb_config
-        )
-        self.manager.start()
+        self.manager, self.per_request_sampling, dropped = runtime.continuous_batching(self.model, **self.cb_options)
+        if dropped:
+            pb_utils.Logger.log_warn(f"ContinuousBatchingConfig of this transformers version ignores {dropped}")
 
     def _manager_failed(self):
         status = getattr(self.manager, "background_thread_status", None)
@@ -141,7 +125,7 @@ class TritonPythonModel:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds this build's limits "
                 f"(max_input_len {self.max_input_len}, max_output_len {self.max_output_len})"
             )
-        if _words(optional(request, "bad_words_list")):
+        if words_list(optional(request, "bad_words_list")):
             raise ValueError("bad_words cannot be honoured by the transformers runtime")
         end_id = int(scalar(request, "end_id", self.default_end_id))
         min_tokens = int(scalar(request, "min_tokens", 0))
@@ -156,7 +140,7 @@ class TritonPythonModel:
             streaming=bool(scalar(request, "streaming", False)),
             exclude_input=bool(scalar(request, "exclude_input_in_output", self.exclude_input_default)),
             return_log_probs=bool(scalar(request, "return_log_probs", False)),
-            stop_words=_words(optional(request, "stop_words_list")),
+            stop_words=words_list(optional(request, "stop_words_list")),
         )
         with self.lock:
             self.active[request_id] = state
@@ -165,23 +149,11 @@ class TritonPythonModel:
         )
 
     def _sampling(self, request):
-        temperature = scalar(request, "temperature")
-        top_k = scalar(request, "runtime_top_k")
-        top_p = scalar(request, "runtime_top_p")
-        greedy = temperature == 0.0 or top_k == 1 or (not top_k and not top_p)
-        if greedy:
-            return {"top_k": 1, "top_p": 1.0, "temperature": 1.0}
-        if scalar(request, "random_seed") is not None:
+        values = {k: scalar(request, n) for k, n in (("temperature", "temperature"), ("top_k", "runtime_top_k"), ("top_p", "runtime_top_p"))}
+        kwargs = runtime.sampling_kwargs(self.per_request_sampling, self.vocab_size, **values)
+        if kwargs.get("top_k", 1) != 1 and scalar(request, "seed") is not None:
             raise ValueError("seed cannot be honoured for sampled requests: continuous batching shares one generator")
-        if temperature is not None and temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_p is not None and not 0.0 <= top_p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-        return {
-            "top_k": int(top_k) if top_k else self.vocab_size,
-            "top_p": float(top_p) if top_p else 1.0,
-            "temperature": float(temperature) if temperature is not None else 1.0,
-        }
+        return kwargs
 
     # ---------------------------------------------------------------- results out
     def _dispatch(self):
@@ -206,7 +178,8 @@ class TritonPythonModel:
         tokens = list(result.generated_tokens)
         logprobs = list(result.logprobs or [])
         finished = result.is_finished()
-        cut = _stop_at(tokens, state.stop_words)
+        cut = stop_index(tokens, state.stop_words, state.checked - state.holdback)
+        state.checked = len(tokens)
         if cut is not None:
             tokens, finished = tokens[:cut], True
             self.manager.cancel_request(result.request_id)
@@ -271,26 +244,3 @@ class TritonPythonModel:
         self.dispatcher.join(timeout=5)
         self._fail_all("the server is shutting down")
         self.manager.stop(block=True, timeout=10)
-
-
-def _words(words):
-    """Decode NVIDIA's [1, 2, N] words layout (ids, end offsets) into token sequences."""
-    if words is None or words.size == 0:
-        return []
-    words = words.reshape(-1, 2, words.shape[-1])[0]
-    ids, offsets = words[0].tolist(), [o for o in words[1].tolist() if o >= 0]
-    out, start = [], 0
-    for end in offsets:
-        if end > start:
-            out.append(ids[start:end])
-        start = end
-    return out
-
-
-def _stop_at(tokens, stop_words):
-    """Length of the output before the first stop sequence, or None."""
-    for i in range(len(tokens)):
-        for word in stop_words:
-            if tokens[i : i + len(word)] == word:
-                return i
-    return None

@@ -3,7 +3,8 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trtbuild_utils import load_tokenizer, optional, parameters, tensor
+from trtbuild_tokenizer import load_tokenizer
+from trtbuild_utils import optional, parameters, tensor
 
 
 class TritonPythonModel:
@@ -25,7 +26,5 @@ class TritonPythonModel:
         return responses
 
     def _decode(self, ids):
-        text = self.tokenizer.decode(
-            ids.tolist(), skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
-        )
+        text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=self.skip_special_tokens)
         return text.encode("utf-8")

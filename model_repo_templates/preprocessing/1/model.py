@@ -3,7 +3,8 @@
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trtbuild_utils import error_response, load_tokenizer, optional, parameters, strings, tensor
+from trtbuild_tokenizer import load_tokenizer
+from trtbuild_utils import error_response, optional, parameters, strings, tensor
 
 
 class TritonPythonModel:
