@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jinja2
+import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from builder import interface
 from builder.atomic import atomic_output_dir
 from builder.errors import TrtbuildError
+from builder.serving import apply_policy
 from builder.spec import BuildSpec
 
 TEMPLATE_ROOT = Path(__file__).resolve().parent.parent / "model_repo_templates"
-COMMON_FILES = ("_common/trtbuild_utils.py",)
+COMMON_FILES = ("_common/trtbuild_utils.py", "_common/trtbuild_tokenizer.py")
 MANIFEST = "trtbuild.json"
 
 
@@ -36,6 +38,7 @@ class Batching:
     priority_levels: int = 0
     default_priority_level: int = 0
     queue_policy: Any = None
+    priority_queue_policies: tuple[tuple[int, Any], ...] = ()  # (level, builder.serving.QueuePolicy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,7 @@ class ModelPlan:
     context: dict[str, Any]
     python_files: tuple[str, ...] = ()  # files under the template folder copied verbatim
     extra_files: dict[str, str] = dataclasses.field(default_factory=dict)  # relative path -> rendered template
+    artifacts: dict[str, Path] = dataclasses.field(default_factory=dict)  # relative path -> file or folder copied in
 
     @property
     def config_template(self) -> str:
@@ -78,6 +82,7 @@ def plan_llm_repository(spec: BuildSpec, llm_plan: Callable[[BuildSpec], ModelPl
     names = spec.names
     tokenizer = str(spec.tokenizer.absolute())
     common = dict(spec=spec)
+    text_env = [("EXECUTION_ENV_PATH", str(spec.text_env))] if spec.text_env else []
     preprocessing = ModelPlan(
         names.preprocessing,
         "preprocessing",
@@ -89,6 +94,7 @@ def plan_llm_repository(spec: BuildSpec, llm_plan: Callable[[BuildSpec], ModelPl
                 ("tokenizer_dir", tokenizer),
                 ("add_special_tokens", _bool(spec.add_special_tokens)),
                 ("max_input_len", spec.max_input_len),
+                *text_env,
             ],
             batching=Batching(),
             instances=spec.preprocessing_instances,
@@ -102,20 +108,21 @@ def plan_llm_repository(spec: BuildSpec, llm_plan: Callable[[BuildSpec], ModelPl
             common,
             inputs=interface.POSTPROCESSING_INPUTS,
             outputs=interface.POSTPROCESSING_OUTPUTS,
-            parameters=[("tokenizer_dir", tokenizer), ("skip_special_tokens", _bool(spec.skip_special_tokens))],
+            parameters=[("tokenizer_dir", tokenizer), ("skip_special_tokens", _bool(spec.skip_special_tokens)), *text_env],
             batching=Batching(),
             instances=spec.postprocessing_instances,
         ),
         python_files=("1/model.py",),
     )
     llm = (llm_plan or LLM_PLANS[spec.runtime])(spec)
+    outputs = _logits_typed(interface.ENSEMBLE_OUTPUTS, spec)
     ensemble = ModelPlan(
         names.ensemble,
         "ensemble",
         dict(
             common,
             inputs=interface.ENSEMBLE_INPUTS,
-            outputs=interface.ENSEMBLE_OUTPUTS,
+            outputs=outputs,
             steps=interface.ensemble_steps(names.preprocessing, names.llm, names.postprocessing),
         ),
     )
@@ -125,15 +132,17 @@ def plan_llm_repository(spec: BuildSpec, llm_plan: Callable[[BuildSpec], ModelPl
         dict(
             common,
             inputs=interface.ENSEMBLE_INPUTS,
-            outputs=interface.ENSEMBLE_OUTPUTS,
+            outputs=outputs,
             parameters=[
                 ("preprocessing_model", names.preprocessing),
                 ("llm_model", names.llm),
                 ("postprocessing_model", names.postprocessing),
                 ("llm_input_map", json.dumps(dict(interface.DIRECT_TO_LLM))),
                 ("accumulate_tokens", "true"),
+                ("max_inflight", spec.max_batch_size * 2),
+                *text_env,
             ],
-            instances=max(1, spec.max_batch_size // 4),
+            instances=1,
         ),
         python_files=("1/model.py",),
     )
@@ -159,13 +168,162 @@ def plan_transformers_llm(spec: BuildSpec) -> ModelPlan:
                 ("kv_cache_num_blocks", spec.kv_cache.blocks_for(spec.max_batch_size, spec.max_seq_len)),
                 ("kv_cache_free_gpu_mem_fraction", spec.kv_cache.free_gpu_mem_fraction),
                 ("exclude_input_in_output", _bool(spec.exclude_input_in_output)),
+                ("quantization", spec.quantization),
             ],
         ),
-        python_files=("1/model.py",),
+        python_files=("1/model.py", "1/llm_runtime.py"),
     )
 
 
-LLM_PLANS: dict[str, Callable[[BuildSpec], ModelPlan]] = {"transformers": plan_transformers_llm}
+def _logits_typed(tensors: tuple[interface.Tensor, ...], spec: BuildSpec) -> tuple[interface.Tensor, ...]:
+    """Logits outputs carry the engine's logits dtype (TensorRT-LLM engines may emit FP16 logits)."""
+    data_type = spec.extra.get("logits_datatype", "TYPE_FP32")
+    return tuple(dataclasses.replace(t, data_type=data_type) if t.name in ("context_logits", "generation_logits") else t
+                 for t in tensors)
+
+
+def plan_tensorrtllm_llm(spec: BuildSpec) -> ModelPlan:
+    """NVIDIA's C++ `tensorrt_llm` model; `spec` was read from the engine (builder.engine.spec_from_engine)."""
+    if spec.engine_dir is None:
+        raise TrtbuildError("the tensorrtllm runtime needs an engine directory", hint="trtbuild repo ENGINE_DIR --runtime tensorrtllm")
+    parameters = [
+        ("gpt_model_type", "inflight_fused_batching"),
+        ("gpt_model_path", str(spec.engine_dir.absolute())),
+        ("tokenizer_dir", str(spec.tokenizer.absolute())),
+        ("max_beam_width", spec.max_beam_width),
+        ("batch_scheduler_policy", spec.extra.get("batch_scheduler_policy", "guaranteed_no_evict")),
+        ("kv_cache_free_gpu_mem_fraction", spec.kv_cache.free_gpu_mem_fraction),
+        ("enable_kv_cache_reuse", _bool(spec.kv_cache.enable_reuse)),
+        ("enable_chunked_context", _bool(spec.extra.get("enable_chunked_context", False))),
+        ("exclude_input_in_output", _bool(spec.exclude_input_in_output)),
+        ("normalize_log_probs", "true"),
+        ("cancellation_check_period_ms", 100),
+        ("FORCE_CPU_ONLY_INPUT_TENSORS", "no"),
+    ]
+    if spec.kv_cache.num_blocks:
+        parameters.append(("max_tokens_in_paged_kv_cache", spec.kv_cache.num_blocks * spec.kv_cache.page_size))
+    if spec.world_size > 1:  # leader mode: rank r drives GPU r of the ranks mpirun starts
+        parameters.append(("gpu_device_ids", spec.extra.get("gpu_device_ids") or ",".join(str(r) for r in range(spec.world_size))))
+    if spec.extra.get("participant_ids"):
+        parameters.append(("participant_ids", spec.extra["participant_ids"]))
+    return ModelPlan(
+        spec.names.llm,
+        "llm_tensorrtllm",
+        dict(
+            spec=spec,
+            inputs=interface.LLM_INPUTS,
+            outputs=_logits_typed(interface.LLM_OUTPUTS, spec),
+            parameters=parameters,
+            batching=Batching(max_queue_delay_us=0, preferred_batch_sizes=(spec.max_batch_size,)),
+        ),
+    )
+
+
+LLM_PLANS: dict[str, Callable[[BuildSpec], ModelPlan]] = {"transformers": plan_transformers_llm, "tensorrtllm": plan_tensorrtllm_llm}
+
+# NVIDIA's LLM-API model interface (triton_backend/all_models/llmapi), plus repetition_penalty and min_tokens.
+LLMAPI_INPUTS: tuple[interface.Tensor, ...] = (
+    interface.Tensor("text_input", "TYPE_STRING", (-1,)),
+    *(interface.Tensor(name, f"TYPE_{dtype}", (1,), optional=True) for name, dtype in (
+        ("streaming", "BOOL"),
+        ("sampling_param_best_of", "INT32"),
+        ("sampling_param_temperature", "FP32"),
+        ("sampling_param_top_k", "INT32"),
+        ("sampling_param_top_p", "FP32"),
+        ("sampling_param_frequency_penalty", "FP32"),
+        ("sampling_param_presence_penalty", "FP32"),
+        ("sampling_param_repetition_penalty", "FP32"),
+        ("sampling_param_min_tokens", "INT32"),
+        ("sampling_param_max_tokens", "INT32"),
+        ("sampling_param_seed", "UINT64"),
+        ("sampling_param_exclude_input_from_output", "BOOL"),
+        ("return_finish_reason", "BOOL"),
+        ("return_stop_reason", "BOOL"),
+        ("return_cumulative_logprob", "BOOL"),
+    )),
+    interface.Tensor("sampling_param_stop", "TYPE_STRING", (-1,), optional=True),
+)
+LLMAPI_OUTPUTS: tuple[interface.Tensor, ...] = (
+    interface.Tensor("text_output", "TYPE_STRING", (-1,)),
+    interface.Tensor("finish_reason", "TYPE_STRING", (-1,)),
+    interface.Tensor("stop_reason", "TYPE_STRING", (-1,)),
+    interface.Tensor("cumulative_logprob", "TYPE_FP32", (-1,)),
+)
+# our ensemble input -> LLM-API input, so clients of the standard ensemble interface work unchanged
+LLMAPI_FROM_ENSEMBLE: tuple[tuple[str, str], ...] = (
+    ("text_input", "text_input"),
+    ("sampling_param_max_tokens", "max_tokens"),
+    ("streaming", "stream"),
+    ("sampling_param_temperature", "temperature"),
+    ("sampling_param_top_k", "top_k"),
+    ("sampling_param_top_p", "top_p"),
+    ("sampling_param_frequency_penalty", "frequency_penalty"),
+    ("sampling_param_presence_penalty", "presence_penalty"),
+    ("sampling_param_repetition_penalty", "repetition_penalty"),
+    ("sampling_param_min_tokens", "min_tokens"),
+    ("sampling_param_seed", "seed"),
+    ("sampling_param_stop", "stop_words"),
+    ("sampling_param_exclude_input_from_output", "exclude_input_in_output"),
+)
+
+
+def llmapi_args(spec: BuildSpec) -> list[tuple[str, Any]]:
+    """`tensorrt_llm.LLM(...)` keyword arguments (model.yaml), from the same spec as config.pbtxt."""
+    tp = int(spec.extra.get("tp_size", spec.world_size))
+    pp = int(spec.extra.get("pp_size", 1))
+    if tp * pp != spec.world_size:
+        raise TrtbuildError(f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} != world size {spec.world_size}")
+    return [
+        ("model", str(spec.checkpoint.absolute())),
+        ("tokenizer", str(spec.tokenizer.absolute())),
+        ("backend", "pytorch"),
+        ("dtype", spec.dtype),
+        ("tensor_parallel_size", tp),
+        ("pipeline_parallel_size", pp),
+        ("max_batch_size", spec.max_batch_size),
+        ("max_num_tokens", int(spec.extra.get("max_num_tokens", max(spec.max_input_len, min(8192, spec.max_batch_size * spec.max_seq_len))))),
+        ("max_seq_len", spec.max_seq_len),
+        ("max_beam_width", spec.max_beam_width),
+        ("kv_cache_config", {
+            "free_gpu_memory_fraction": spec.kv_cache.free_gpu_mem_fraction,
+            "enable_block_reuse": spec.kv_cache.enable_reuse,
+            "dtype": spec.kv_cache.dtype,
+        }),
+    ]
+
+
+def plan_llmapi_repository(spec: BuildSpec) -> list[ModelPlan]:
+    """The LLM-API model (tensorrt_llm.LLM, PyTorch backend) plus an ensemble speaking our client interface."""
+    names = spec.names
+    by_name = {t.name: t for t in interface.ENSEMBLE_INPUTS}
+    text_output = next(t for t in interface.ENSEMBLE_OUTPUTS if t.name == "text_output")
+    llm = ModelPlan(
+        names.llm,
+        "llmapi",
+        dict(
+            spec=spec,
+            inputs=LLMAPI_INPUTS,
+            outputs=LLMAPI_OUTPUTS,
+            parameters=[("max_input_len", spec.max_input_len), ("exclude_input_in_output", _bool(spec.exclude_input_in_output))],
+            llm_args=llmapi_args(spec),
+        ),
+        python_files=("1/model.py", "1/llmapi_config.py"),
+        extra_files={"1/model.yaml": "llmapi/1/model.yaml.j2"},
+    )
+    ensemble = ModelPlan(
+        names.ensemble,
+        "ensemble",
+        dict(
+            spec=spec,
+            inputs=tuple(by_name[ours] for _, ours in LLMAPI_FROM_ENSEMBLE),
+            outputs=(text_output, interface.Tensor("finish_reason", "TYPE_STRING", (-1,))),
+            steps=(interface.Step(names.llm, LLMAPI_FROM_ENSEMBLE, (("text_output", "text_output"), ("finish_reason", "finish_reason"))),),
+        ),
+    )
+    return [llm, ensemble]
+
+
+REPOSITORY_PLANS: dict[str, Callable[[BuildSpec], list[ModelPlan]]] = {"llmapi": plan_llmapi_repository}
 
 
 @dataclasses.dataclass
@@ -185,9 +343,22 @@ def render(plans: list[ModelPlan], env: jinja2.Environment | None = None) -> lis
         if config.name != plan.name:
             raise TrtbuildError(f"model '{plan.name}': {plan.config_template} renders name '{config.name}'")
         files = {rel: _render_template(env, tpl, plan) for rel, tpl in plan.extra_files.items()}
+        for rel, file_text in files.items():
+            _check_data_file(plan, rel, file_text)
         rendered.append(RenderedModel(plan, text, config, files))
     check_ensembles(rendered)
     return rendered
+
+
+def _check_data_file(plan: ModelPlan, rel: str, text: str) -> None:
+    """Rendered YAML/JSON files must parse, like config.pbtxt must."""
+    try:
+        if rel.endswith((".yaml", ".yml")):
+            yaml.safe_load(text)
+        elif rel.endswith(".json"):
+            json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise TrtbuildError(f"model '{plan.name}': rendered {rel} does not parse: {e}") from None
 
 
 def _render_template(env: jinja2.Environment, template: str, plan: ModelPlan) -> str:
@@ -274,6 +445,10 @@ def write_repository(rendered: list[RenderedModel], out: Path, manifest: dict[st
                 dest = target / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_text(text)
+            for rel, source in model.plan.artifacts.items():
+                dest = target / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if Path(source).is_dir() else shutil.copy2)(source, dest)
             if not any(p.is_dir() and p.name.isdigit() for p in target.iterdir()):
                 (target / "1").mkdir()
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -282,13 +457,15 @@ def write_repository(rendered: list[RenderedModel], out: Path, manifest: dict[st
 
 def generate(spec: BuildSpec, out: Path, *, force: bool = False) -> Path:
     """Render, check and write the repository for `spec`."""
-    plans = plan_llm_repository(spec)
+    plans = REPOSITORY_PLANS.get(spec.runtime, plan_llm_repository)(spec)
+    plans = apply_policy(plans, spec.serving)
     rendered = render(plans)
+    models = {m.plan.name: m.plan.template for m in rendered}
     manifest = {
         "trtbuild_version": _version(),
         "spec": spec.to_json(),
-        "models": {m.plan.name: m.plan.template for m in rendered},
-        "entrypoints": {"ensemble": spec.names.ensemble, "bls": spec.names.bls},
+        "models": models,
+        "entrypoints": {k: v for k, v in {"ensemble": spec.names.ensemble, "bls": spec.names.bls}.items() if v in models},
     }
     return write_repository(rendered, out, manifest, force=force)
 

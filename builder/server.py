@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -44,14 +45,19 @@ class TritonInstall:
 
     @classmethod
     def from_pytriton(cls) -> "TritonInstall":
-        spec = importlib.util.find_spec("pytriton")
-        if spec is None or not spec.submodule_search_locations:
-            raise TrtbuildError(
-                "no tritonserver found: the nvidia-pytriton wheel is not installed",
-                hint="run `make setup`, or pass --tritonserver PATH",
-            )
-        root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
-        libs = root.parent.parent / "nvidia_pytriton.libs"
+        """The server inside the wheel, or an unpacked copy of it under $TRTBUILD_PYTRITON_ROOT."""
+        if os.environ.get("TRTBUILD_PYTRITON_ROOT"):
+            site = Path(os.environ["TRTBUILD_PYTRITON_ROOT"])
+        else:
+            spec = importlib.util.find_spec("pytriton")
+            if spec is None or not spec.submodule_search_locations:
+                raise TrtbuildError(
+                    "no tritonserver found: the nvidia-pytriton wheel is not installed",
+                    hint="run `make setup`, or pass --tritonserver PATH",
+                )
+            site = Path(list(spec.submodule_search_locations)[0]).parent
+        root = site / "pytriton" / "tritonserver"
+        libs = site / "nvidia_pytriton.libs"
         return cls(
             binary=root / "bin" / "tritonserver",
             backend_dir=_python_backend_dir(root),
@@ -98,9 +104,26 @@ class ServerOptions:
     metrics_port: int = 0
     host: str = "127.0.0.1"
     log_verbose: int = 0
+    exit_timeout_s: int = 10  # how long shutdown waits for requests in flight
     response_cache_bytes: int = 0
     rate_limit: str | None = None  # "execution_count" or "off"
     extra_args: tuple[str, ...] = ()
+    repository_policy: bool = True  # take what is unset above from the repository's serving policy
+
+    def with_repository_policy(self, repository: Path) -> "ServerOptions":
+        """The response cache and rate limiter the repository's trtbuild.json policy needs (builder.serving),
+        where these options leave them unset."""
+        from builder.repository import MANIFEST
+        from builder.serving import ServerFlags, repository_policy
+
+        manifest = Path(repository) / MANIFEST
+        if not self.repository_policy or not manifest.is_file():
+            return self
+        flags = ServerFlags.for_policy(repository_policy(json.loads(manifest.read_text())))
+        rate_limit = self.rate_limit or flags.rate_limit
+        extra = tuple(a for a in flags.args if a not in self.extra_args) if rate_limit != "off" else ()
+        return dataclasses.replace(self, response_cache_bytes=self.response_cache_bytes or flags.response_cache_bytes,
+                                   rate_limit=rate_limit, extra_args=(*self.extra_args, *extra))
 
     def resolved(self) -> "ServerOptions":
         return dataclasses.replace(
@@ -124,7 +147,7 @@ class TritonServer:
         self.repository = Path(repository).absolute()
         if not self.repository.is_dir():
             raise TrtbuildError(f"model repository {self.repository} does not exist", hint="run `trtbuild repo` first")
-        self.options = (options or ServerOptions()).resolved()
+        self.options = (options or ServerOptions()).with_repository_policy(self.repository).resolved()
         self.install = install or TritonInstall.from_pytriton()
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="tritonserver.", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
@@ -156,6 +179,7 @@ class TritonServer:
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
             f"--log-verbose={o.log_verbose}",
+            f"--exit-timeout-secs={o.exit_timeout_s}",
         ]
         if o.response_cache_bytes:
             cmd.append(f"--cache-config=local,size={o.response_cache_bytes}")

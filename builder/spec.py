@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from builder.errors import TrtbuildError
+from builder.serving import ServingPolicy
 
 Runtime = Literal["transformers", "tensorrtllm", "llmapi", "onnxruntime", "onnxruntime-python", "tensorrt"]
 RUNTIMES: tuple[str, ...] = ("transformers", "tensorrtllm", "llmapi", "onnxruntime", "onnxruntime-python", "tensorrt")
@@ -170,7 +171,13 @@ class BuildSpec:
     add_special_tokens: bool = True
     skip_special_tokens: bool = True
     world_size: int = 1
+    quantization: str = "none"  # transformers runtime: "fp8" runs Linear layers on FP8 tensor cores
     engine_dir: Path | None = None
+    # A Python environment for the text (BYTES) models: Triton 2.51's Python backend mis-reads
+    # numpy>=2 output buffers, so where the LLM's environment has numpy 2 the tokenizer models
+    # run in a numpy<2 environment (EXECUTION_ENV_PATH).
+    text_env: Path | None = None
+    serving: ServingPolicy = ServingPolicy()  # queues, priorities, batching, cache, rate limiter (builder.serving)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -214,9 +221,13 @@ class BuildSpec:
             raise TrtbuildError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.runtime == "transformers" and self.max_beam_width != 1:
             raise TrtbuildError("the transformers runtime does not support beam search", hint="use --max-beam-width 1")
+        if self.runtime == "transformers" and self.quantization not in ("none", "fp8"):
+            raise TrtbuildError(f"--quantization {self.quantization} is not available on the transformers runtime",
+                                hint="use none or fp8 here; other formats go through `trtbuild engine`")
         if not 0.0 < self.kv_cache.free_gpu_mem_fraction <= 1.0:
             raise TrtbuildError("--kv-cache-free-gpu-mem-fraction must be in (0, 1]")
         positive("kv_cache_page_size", self.kv_cache.page_size)
+        self.serving.validate(self.max_batch_size)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -236,6 +247,6 @@ class ModelNames:
 
     @classmethod
     def for_runtime(cls, runtime: str) -> "ModelNames":
-        if runtime == "tensorrtllm":
+        if runtime in ("tensorrtllm", "llmapi"):
             return cls("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
         return cls("preprocessing", "llm", "postprocessing", "ensemble", "llm_bls")
