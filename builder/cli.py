@@ -11,7 +11,10 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from builder.cli_export import onnx_repo_options, pop_onnx_options
 from builder.errors import TrtbuildError
+from builder.onnx_repository import ONNX_RUNTIMES
+from builder.serving import pop_serving_options, serving_options
 
 console = Console(stderr=True)
 
@@ -47,6 +50,10 @@ def build_options(f):
         click.option("--kv-cache-page-size", type=int, default=32, show_default=True, help="Tokens per KV-cache block."),
         click.option("--kv-cache-free-gpu-mem-fraction", type=float, default=0.9, show_default=True),
         click.option("--exclude-input-in-output/--include-input-in-output", default=True, show_default=True),
+        click.option("--quantization", type=click.Choice(["none", "fp8"]), default="none", show_default=True,
+                     help="transformers runtime: fp8 runs the Linear layers on FP8 tensor cores (Ada/Hopper)."),
+        click.option("--text-env", type=click.Path(path_type=Path), default=None,
+                     help="Python environment (EXECUTION_ENV_PATH) for the tokenizer and BLS models."),
     ]
     return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
 
@@ -70,6 +77,8 @@ def spec_from_options(checkpoint: Path, runtime: str, **o):
         tokenizer_dir=Path(o["tokenizer_dir"]).absolute() if o.get("tokenizer_dir") else None,
         kv_cache=KVCacheSpec(page_size=o["kv_cache_page_size"], free_gpu_mem_fraction=o["kv_cache_free_gpu_mem_fraction"]),
         exclude_input_in_output=o["exclude_input_in_output"],
+        text_env=Path(o["text_env"]).absolute() if o.get("text_env") else None,
+        quantization=o.get("quantization", "none"),
     )
 
 
@@ -90,16 +99,37 @@ def demo_checkpoint(out: Path, kind: str, force: bool) -> None:
 @main.command("repo")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model repository to write.")
-@click.option("--runtime", type=click.Choice(["transformers"]), default="transformers", show_default=True)
+@click.option("--runtime", type=click.Choice(["transformers", "tensorrtllm", "llmapi", *ONNX_RUNTIMES]),
+              default="transformers", show_default=True,
+              help="tensorrtllm: CHECKPOINT is an engine dir (trtbuild engine); llmapi: a Hugging Face checkpoint; "
+                   "onnxruntime/onnxruntime-python/tensorrt: an ONNX export dir (trtbuild export onnx).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @build_options
+@serving_options
+@onnx_repo_options
 def repo(checkpoint: Path, out: Path, runtime: str, force: bool, **options) -> None:
     """Generate a Triton model repository for CHECKPOINT."""
-    from builder.repository import generate
+    import dataclasses
 
-    spec = spec_from_options(checkpoint, runtime, **options)
-    generate(spec, out, force=force)
-    console.print(f"[green]wrote[/] {out} ({spec.names.ensemble}, {spec.names.bls}; runtime {runtime})")
+    from builder.repository import generate, load_manifest
+    from builder.serving import policy_from_options
+
+    serving = pop_serving_options(options)
+    onnx = pop_onnx_options(options, runtime)
+    if runtime in ONNX_RUNTIMES:
+        from builder.cli_export import onnx_repo
+
+        onnx_repo(checkpoint, out, runtime, force, policy_from_options(options["max_batch_size"], **serving), **options, **onnx)
+        return
+    if runtime == "transformers":
+        spec = spec_from_options(checkpoint, runtime, **options)
+    else:
+        from builder.cli_engine import engine_repo_spec
+
+        spec = engine_repo_spec(checkpoint, runtime, **options)
+    spec = dataclasses.replace(spec, serving=policy_from_options(spec.max_batch_size, **serving))
+    entrypoints = load_manifest(generate(spec, out, force=force))["entrypoints"].values()
+    console.print(f"[green]wrote[/] {out} ({', '.join(entrypoints)}; runtime {runtime})")
 
 
 @main.command("serve")
@@ -110,12 +140,18 @@ def repo(checkpoint: Path, out: Path, runtime: str, force: bool, **options) -> N
 @click.option("--tritonserver", "binary", type=click.Path(path_type=Path), default=None,
               help="A system tritonserver instead of the one in the nvidia-pytriton wheel.")
 @click.option("--timeout", type=float, default=300, show_default=True, help="Seconds to wait for readiness.")
-def serve(repository: Path, http_port: int, grpc_port: int, metrics_port: int, binary: Path | None, timeout: float) -> None:
+@click.option("--response-cache-bytes", type=int, default=0,
+              help="Response cache size; 0: what the repository's serving policy asks for (trtbuild.json).")
+@click.option("--rate-limit", type=click.Choice(["execution_count", "off"]), default=None,
+              help="Default: execution_count where the repository's serving policy gives models rate-limiter resources.")
+def serve(repository: Path, http_port: int, grpc_port: int, metrics_port: int, binary: Path | None, timeout: float,
+          response_cache_bytes: int, rate_limit: str | None) -> None:
     """Start a local Triton server on REPOSITORY; Ctrl-C stops it."""
     from builder.server import ServerOptions, TritonInstall, TritonServer
 
     install = TritonInstall.from_binary(binary) if binary else None
-    server = TritonServer(repository, ServerOptions(http_port, grpc_port, metrics_port), install=install)
+    options = ServerOptions(http_port, grpc_port, metrics_port, response_cache_bytes=response_cache_bytes, rate_limit=rate_limit)
+    server = TritonServer(repository, options, install=install)
     with console.status("starting tritonserver") as status:
         server.start(timeout=timeout, progress=lambda s: status.update(f"starting tritonserver ({s:.0f} s)"))
     console.print(
@@ -167,3 +203,15 @@ def demo(workdir: Path, kind: str, max_tokens: int) -> None:
     from builder.demo import run_demo
 
     run_demo(workdir, kind=kind, max_tokens=max_tokens, console=console)
+
+
+# Each stage's commands live beside the code they drive.
+from builder.cli_bench import bench  # noqa: E402
+from builder.cli_deploy import k8s_cmd, plan_cmd  # noqa: E402
+from builder.cli_engine import compose, engine, inspect_cmd  # noqa: E402
+from builder.cli_export import export  # noqa: E402
+from builder.cli_quantize import quantize_cmd  # noqa: E402
+from builder.cli_validate import validate_cmd  # noqa: E402
+
+for _command in (quantize_cmd, engine, inspect_cmd, export, compose, bench, validate_cmd, k8s_cmd, plan_cmd):
+    main.add_command(_command)
