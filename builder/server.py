@@ -9,6 +9,7 @@ interpreter from the first `python3` on PATH, so the server is started with this
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -80,7 +81,8 @@ def _python_backend_dir(root: Path) -> Path:
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
         raise TrtbuildError(f"the pytriton wheel has no Python-backend stub for Python {version}")
-    cache = Path(os.environ.get("TRTBUILD_CACHE", Path.home() / ".cache" / "trtbuild")) / f"backends-py{version}"
+    key = hashlib.sha1(str(root).encode()).hexdigest()[:10]  # one per installation: servers of two venvs never share
+    cache = Path(os.environ.get("TRTBUILD_CACHE", Path.home() / ".cache" / "trtbuild")) / f"backends-py{version}-{key}"
     target = cache / "python"
     marker = target / ".source"
     if not marker.exists() or marker.read_text() != str(root):
