@@ -9,12 +9,11 @@ Two demo checkpoints need no download:
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 
 from builder.atomic import atomic_output_dir
-from builder.errors import TrtbuildError
+from builder.errors import TrtbuildError, read_json_file
 from builder.spec import ModelSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -27,13 +26,8 @@ def read_config(checkpoint: Path) -> dict:
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise TrtbuildError(f"checkpoint directory {checkpoint} does not exist")
-    path = checkpoint / "config.json"
-    if not path.is_file():
-        raise TrtbuildError(f"{checkpoint} has no config.json", hint="point at a Hugging Face checkpoint directory")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrtbuildError(f"{path} is not valid JSON: line {e.lineno}: {e.msg}") from None
+    return read_json_file(checkpoint / "config.json", missing=f"{checkpoint} has no config.json",
+                          hint="point at a Hugging Face checkpoint directory")
 
 
 def load_model_spec(checkpoint: Path, *, need_weights: bool = True, need_tokenizer: bool = True) -> ModelSpec:

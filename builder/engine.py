@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from builder.atomic import atomic_output_dir, check_output_dir
 from builder.checkpoint import WEIGHT_GLOBS, check_tokenizer, read_config
-from builder.errors import TrtbuildError
+from builder.errors import TrtbuildError, read_json_file
 from builder.spec import ARCHITECTURES, BuildSpec, KVCacheSpec, ModelSpec
 
 # The last Triton TRT-LLM container that still builds and serves engines. NVIDIA's release
@@ -837,12 +837,7 @@ class EngineConfig:
 def read_engine_config(engine_dir: Path) -> EngineConfig:
     engine_dir = Path(engine_dir).absolute()
     path = engine_dir / "config.json"
-    if not path.is_file():
-        raise TrtbuildError(f"{engine_dir} has no config.json", hint="point at a directory written by trtllm-build")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrtbuildError(f"{path} is not valid JSON: line {e.lineno}: {e.msg}") from None
+    data = read_json_file(path, missing=f"{engine_dir} has no config.json", hint="point at a directory written by trtllm-build")
     if "build_config" not in data or "pretrained_config" not in data:
         what = "a TensorRT-LLM checkpoint" if "architecture" in data else "a Hugging Face checkpoint" if "model_type" in data else "not an engine"
         raise TrtbuildError(f"{path} has no build_config/pretrained_config: {engine_dir} is {what}",

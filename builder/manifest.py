@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from builder.errors import TrtbuildError
+from builder.errors import TrtbuildError, read_json_file
 
 MANIFEST_NAME = "trtbuild-manifest.json"
 _CHUNK = 1 << 20
@@ -56,13 +56,8 @@ def write_manifest(directory: Path, data: dict[str, Any]) -> Path:
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        raise TrtbuildError(f"{directory} has no {MANIFEST_NAME}", hint="was it written by trtbuild?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrtbuildError(f"{path} is not valid JSON: line {e.lineno}: {e.msg}") from None
+    return read_json_file(Path(directory) / MANIFEST_NAME, missing=f"{directory} has no {MANIFEST_NAME}",
+                          hint="was it written by trtbuild?")
 
 
 def verify_manifest(directory: Path) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 
 from builder.atomic import atomic_output_dir, check_output_dir
 from builder.checkpoint import WEIGHT_GLOBS, read_config
-from builder.errors import TrtbuildError
+from builder.errors import TrtbuildError, read_json_file
 
 EXPORT_MANIFEST = "export.json"
 MODEL_FILE = "model.onnx"
@@ -792,12 +792,8 @@ def load_export(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise TrtbuildError(f"{directory} does not exist", hint="run `trtbuild export onnx` first")
     manifest_path = directory / EXPORT_MANIFEST
-    if not manifest_path.is_file():
-        raise TrtbuildError(f"{directory} has no {EXPORT_MANIFEST}", hint="was it written by `trtbuild export onnx`?")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrtbuildError(f"{manifest_path} is not valid JSON: line {e.lineno}: {e.msg}") from None
+    manifest = read_json_file(manifest_path, missing=f"{directory} has no {EXPORT_MANIFEST}",
+                              hint="was it written by `trtbuild export onnx`?")
     if manifest.get("format") != MANIFEST_FORMAT:
         raise TrtbuildError(f"{manifest_path}: format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     model = directory / manifest.get("model_file", MODEL_FILE)
