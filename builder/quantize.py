@@ -651,6 +651,9 @@ def _run_plan(p: QuantizePlan, force: bool, console: "Console | None") -> Quanti
     with atomic_output_dir(p.out, force=force) as staging:
         quant = _export(model, p, staging)
         tokenizer_files = _copy_tokenizer(p.checkpoint, staging)
+        for path in staging.rglob("*"):  # safetensors writes 0600; a build container may run as another user
+            if path.is_file():
+                path.chmod(0o644)
         lap("export")
         calibration = {**p.calibration.describe(), "calib_samples": len(calib) if p.calibrates else 0,
                        "max_len": p.options.calib_max_len,
