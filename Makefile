@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.trtbuild-installed
 WORKDIR ?= artifacts/demo
 
-.PHONY: setup demo test test-fast lint gpu-suite clean
+.PHONY: setup demo test test-all test-fast gpu-suite clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ demo: $(STAMP)
 	$(BIN)/trtbuild demo --workdir $(WORKDIR)
 
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not very_slow"
+
+test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -364,7 +364,7 @@ def smollm2(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp8", "int4_awq"])
+@pytest.mark.parametrize("precision", ["fp8", pytest.param("int4_awq", marks=pytest.mark.very_slow)])
 def test_smollm2_delta_within_tolerance(precision, smollm2, tmp_path):
     """The trained model stays within the precision's stated tolerance (quantize raises otherwise)."""
     result = quantize(smollm2, tmp_path / precision, QuantizeOptions(precision=precision, calib_size=32))
