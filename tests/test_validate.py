@@ -187,7 +187,7 @@ def test_smollm2_bf16_passes_and_damaged_build_fails(smollm2, tmp_path):
     (cast, noisy), corpus = validate_offline(
         smollm2, [VariantSpec.parse(f"hf:{bf16}"), VariantSpec.parse(f"hf:{damaged}")], max_tokens=768
     )
-    assert 5 < cast.metrics["ppl_reference"] < 40  # trained: random weights of this shape score ~50,000
+    assert 5 < cast.metrics["ppl_reference"] < 100  # trained (44 on these 768 tokens); random weights score ~50,000
     assert cast.passed, [g.describe() for g in cast.gates]
     assert abs(cast.metrics["ppl_delta_rel"]) < 0.02
     assert not noisy.passed
