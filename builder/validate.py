@@ -21,21 +21,39 @@ The online metrics (served model vs transformers greedy generation) come from cl
 Gates. Each variant is gated with the thresholds of its precision (table below), unless a threshold
 is overridden on the command line (`--max-ppl-delta`, `--max-kl`, `--min-top1-agreement`,
 `--max-logit-diff`, `--min-exact-match`, `--min-token-agreement`, `--max-logprob-delta`). A threshold
-of None is not gated. The defaults were set from SmolLM2-135M (a small model, hence more sensitive
-to quantization than 7B-class models) with headroom over what ModelOpt's fake-quant measured on
-builder/data/eval_corpus.txt, and tight enough that 2 % relative Gaussian weight noise fails every row.
+of None ("-") is not gated.
 
-| precision | max ppl_delta_rel | max kl_mean | min top1_agreement | min exact_match_rate | min token_agreement |
-|-----------|------------------:|------------:|-------------------:|---------------------:|--------------------:|
-| fp32      |            0.1 %  |      0.0005 |               0.99 |                 0.95 |                0.98 |
-| fp16      |            1 %    |      0.005  |               0.97 |                 0.70 |                0.80 |
-| bf16      |            2 %    |      0.01   |               0.95 |                 0.50 |                0.65 |
-| fp8       |            5 %    |      0.05   |               0.90 |                 0.30 |                0.50 |
-| int8_wo   |            3 %    |      0.03   |               0.92 |                 0.40 |                0.60 |
-| int8_sq   |           10 %    |      0.10   |               0.85 |                 0.20 |                0.40 |
-| w4a8_awq  |           30 %    |      0.30   |               0.75 |                 0.10 |                0.30 |
-| int4_awq  |           25 %    |      0.25   |               0.78 |                 0.10 |                0.30 |
-| int4_wo   |           30 %    |      0.30   |               0.75 |                 0.10 |                0.30 |
+The KL and top-1 limits are `trtbuild quantize`'s (builder.quantize.TOLERANCES), so both commands
+agree on a build; the perplexity and greedy-answer limits are validate's own. All were set from
+SmolLM2-135M-Instruct. Validate's measurements (builder/data/eval_corpus.txt, 3,114 predictions in
+256-token windows; greedy columns: the 20 prompts of builder/data/prompts.jsonl, 32 tokens) are in
+brackets; fake-quant variants built as `trtbuild quantize` builds them. Perplexity limits are about
+3x the measured rise. Served (online) numbers exist only for fp32 and bf16, the precisions trtbuild's
+transformers runtime serves; the other greedy numbers were measured offline by generating with the
+fake-quantized model, which is what a served build of that precision would answer. fp16, int4_wo,
+w4a8_awq and int4_awq's greedy columns were not measured here (extrapolated). A 135M model is far
+more sensitive to quantization than the 7B+ models TensorRT-LLM usually serves (published
+FP8/INT8/INT4 losses there are 1-6 %): for those, tighten the limits with the options above.
+
+| precision | max ppl_delta_rel | max kl_mean (quantize) | min top1_agreement (quantize) | min exact_match_rate | min token_agreement |
+|-----------|-------------------|------------------------|-------------------------------|----------------------|---------------------|
+| fp32      | 0.1 % [0]         | 0.0005 [0]             | 0.99 [1.0]                    | 0.90 [1.0 served]    | 0.95 [1.0 served]   |
+| fp16      | 0.5 %             | 0.002                  | 0.97                          | 0.50                 | 0.70                |
+| bf16      | 1 % [0.17 %]      | 0.005 [0.0017]         | 0.95 [0.962]                  | 0.25 [0.55-0.60 served] | 0.60 [0.71-0.77 served] |
+| int8_wo   | 1 % [0.29 %]      | 0.02 [0.0031]          | 0.90 [0.958]                  | 0.20 [0.40]          | 0.45 [0.59]         |
+| fp8       | 5 % [1.8 %]       | 0.10 [0.029]           | 0.80 [0.889]                  | - [0.10]             | 0.15 [0.25]         |
+| int8_sq   | 30 % [12 %]       | 0.20 [0.115]           | 0.72 [0.795]                  | - [0.05]             | 0.07 [0.14]         |
+| int4_awq  | 50 % [20 %]       | 0.50 [0.196]           | 0.60 [0.725]                  | -                    | 0.05                |
+| int4_wo   | 100 %             | 0.50                   | 0.60                          | -                    | 0.03                |
+| w4a8_awq  | 50 %              | 0.50                   | 0.60                          | -                    | 0.05                |
+
+(bf16 is a bf16 checkpoint run in bf16 by transformers: its top-1 clears quantize's 0.95 by only 1.2
+points on this corpus, where quantize measured 0.994 for bf16 weight rounding computed in fp32.)
+
+Negative controls on the same model (Gaussian noise of 1/2/5 % of each weight tensor's std, gated
+as fp32 since they claim to be the checkpoint): ppl +1.2/+3.8/+19.7 %, KL 0.0058/0.024/0.149, top-1
+0.943/0.892/0.740, greedy token agreement 0.61/0.37/0.15 (exact match 0.40/0.10/0.00): each fails
+its fp32 row, and 5 % noise fails every row from fp32 to fp8.
 
 `max_logit_diff` and the online log-prob delta are reported but not gated by default: one outlier
 logit says little about quality.
@@ -102,26 +120,26 @@ class Thresholds:
         return dataclasses.replace(self, **given)
 
 
-def _row(ppl: float, kl: float, top1: float, exact: float, tokens: float) -> Thresholds:
+def _row(ppl: float, kl: float, top1: float, exact: float | None, tokens: float) -> Thresholds:
     return Thresholds(max_ppl_delta=ppl, max_kl=kl, min_top1_agreement=top1, min_exact_match=exact, min_token_agreement=tokens)
 
 
-def _quantize_row(precision: str, ppl: float, exact: float, tokens: float) -> Thresholds:
+def _quantize_row(precision: str, ppl: float, exact: float | None, tokens: float) -> Thresholds:
     """KL and top-1 limits are the ones `trtbuild quantize` enforces, so both commands agree on a build."""
     tolerance = QUANTIZE_TOLERANCES[precision]
     return _row(ppl, tolerance.max_mean_kl, tolerance.min_top1, exact, tokens)
 
 
 DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
-    "fp32": _row(0.001, 0.0005, 0.99, 0.95, 0.98),
-    "fp16": _quantize_row("fp16", 0.01, 0.70, 0.80),
-    "bf16": _quantize_row("bf16", 0.02, 0.50, 0.65),
-    "fp8": _quantize_row("fp8", 0.05, 0.30, 0.50),
-    "int8_wo": _quantize_row("int8_wo", 0.03, 0.40, 0.60),
-    "int8_sq": _quantize_row("int8_sq", 0.15, 0.20, 0.40),
-    "w4a8_awq": _row(0.30, 0.50, 0.60, 0.10, 0.30),
-    "int4_awq": _quantize_row("int4_awq", 0.30, 0.10, 0.30),
-    "int4_wo": _quantize_row("int4_wo", 0.30, 0.10, 0.30),
+    "fp32": _row(0.001, 0.0005, 0.99, 0.90, 0.95),
+    "fp16": _quantize_row("fp16", 0.005, 0.50, 0.70),
+    "bf16": _quantize_row("bf16", 0.01, 0.25, 0.60),
+    "int8_wo": _quantize_row("int8_wo", 0.01, 0.20, 0.45),
+    "fp8": _quantize_row("fp8", 0.05, None, 0.15),
+    "int8_sq": _quantize_row("int8_sq", 0.30, None, 0.07),
+    "int4_awq": _quantize_row("int4_awq", 0.50, None, 0.05),
+    "int4_wo": _quantize_row("int4_wo", 1.00, None, 0.03),
+    "w4a8_awq": _row(0.50, 0.50, 0.60, None, 0.05),
 }
 
 # metric name in a result -> (Thresholds field, direction, CLI option)

@@ -15,8 +15,9 @@ Metrics:
   generated token before the first divergence, reference log-probs taken from the raw logits.
 
 A server that returns log-probs of its processed distribution (trtbuild's transformers runtime
-does: greedy is top_k=1, so every log-prob is 0) would make the delta look large and wrong; when
-every served log-prob is exactly 0 the delta is reported as unavailable, with the reason.
+does: greedy is top_k=1, so every log-prob is 0, or -log 2 / -log 3 where bf16 logits tie and top-k
+keeps every tied token) would make the delta look large and wrong. When every served log-prob is
+-log n for a whole n (0 included), the delta is reported as unavailable, with the reason.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from typing import Any, Callable
 from builder.errors import TrtbuildError
 from clients.generate import GenerationError, generate
 
-ZERO_LOGPROBS_NOTE = ("log-prob delta unavailable: the server returned all-zero log-probs (it reports log-probs of "
-                      "its processed greedy distribution, top_k=1, not of the model's raw distribution)")
+ZERO_LOGPROBS_NOTE = ("log-prob delta unavailable: the server returned only log-probs of 0 or -log n (it reports "
+                      "log-probs of its processed greedy distribution, top_k=1, not of the model's raw distribution)")
 NO_LOGPROBS_NOTE = "log-prob delta unavailable: the server returned no output_log_probs"
 
 
@@ -181,6 +182,14 @@ class OnlineMetrics:
         }
 
 
+def _uniform_over_ties(logprob: float) -> bool:
+    """True for -log n, n = 1, 2, 3...: the probability of one of n tied tokens after top_k=1."""
+    if math.isnan(logprob) or logprob > 1e-6 or logprob < -5:
+        return False
+    n = math.exp(-logprob)
+    return abs(n - round(n)) < 1e-3
+
+
 def compare(prompts: list[Prompt], reference: list[Generation], served: list[Generation], tokenizer,
             *, log_probs_requested: bool = True) -> OnlineMetrics:
     note = None
@@ -188,7 +197,7 @@ def compare(prompts: list[Prompt], reference: list[Generation], served: list[Gen
         returned = [v for s in served for v in s.log_probs]
         if not returned:
             note = NO_LOGPROBS_NOTE
-        elif all(v == 0.0 for v in returned):
+        elif all(_uniform_over_ties(v) for v in returned):
             note = ZERO_LOGPROBS_NOTE
         elif any(math.isnan(v) for v in returned):
             note = "log-prob delta unavailable: the server returned NaN log-probs"

@@ -15,7 +15,6 @@ from builder.validate import (
     VariantSpec,
     evaluate_gates,
     load_corpus,
-    load_tokenizer,
     validate_offline,
     write_variant_checkpoint,
 )
@@ -76,6 +75,20 @@ def test_gates_direction_and_overrides():
     assert evaluate_gates({"logprob_delta_max": None}, "fp32") == []
     (asked,) = evaluate_gates({"logprob_delta_max": None}, "fp32", Thresholds(max_logprob_delta=0.1))
     assert not asked.passed and "was not measured" in asked.describe()
+
+
+def test_processed_greedy_log_probs_are_not_compared():
+    from clients.accuracy import Generation, Prompt, compare
+
+    tokenizer = load_tokenizer_for_corpus()
+    prompts = [Prompt("a", "Hello", 3)]
+    reference = [Generation(" world is", [-0.5, -1.2])]
+    ties = compare(prompts, reference, [Generation(" world is", [0.0, -math.log(2)])], tokenizer)
+    assert ties.logprob_note is not None and ties.as_metrics()["logprob_delta_max"] is None
+    real = compare(prompts, reference, [Generation(" world is", [-0.4, -1.5])], tokenizer)
+    assert real.logprob_note is None
+    assert math.isclose(real.as_metrics()["logprob_delta_max"], 0.3)
+    assert real.as_metrics()["exact_match_rate"] == 1.0
 
 
 def test_shipped_prompts_and_corpus():
@@ -167,9 +180,9 @@ def test_served_greedy_answers_equal_the_reference(tiny_server, tiny_checkpoint,
     assert served["metrics"]["token_agreement"] == 1.0
     assert served["metrics"]["first_divergence_min"] > 0
     assert all(p["first_divergence"] is None and p["served"] for p in served["details"]["per_prompt"])
-    # trtbuild's transformers runtime returns log-probs of the greedy (top_k=1) distribution: all 0
+    # trtbuild's transformers runtime returns log-probs of the greedy (top_k=1) distribution: 0 or -log n
     assert served["metrics"]["logprob_delta_max"] is None
-    assert "all-zero log-probs" in served["details"]["logprob_note"]
+    assert "processed greedy distribution" in served["details"]["logprob_note"]
 
 
 # ------------------------------------------------------------------ trained model: meaningful numbers
