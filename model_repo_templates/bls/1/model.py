@@ -93,7 +93,7 @@ class TritonPythonModel:
             text = self._detokenize(tokens, timeout)
             delta = text[len(text_so_far):] if (streaming and self.accumulate) else text
             text_so_far = text
-            outputs = [tensor("text_output", np.array([[delta.encode("utf-8")]], dtype=np.object_))]
+            outputs = [tensor("text_output", np.array([delta.encode("utf-8")], dtype=np.object_))]
             outputs += [pb_utils.Tensor(n, pb_utils.get_output_tensor_by_name(response, n).as_numpy()) for n in PASSTHROUGH_OUTPUTS
                         if pb_utils.get_output_tensor_by_name(response, n) is not None]
             reply = pb_utils.InferenceResponse(output_tensors=outputs)

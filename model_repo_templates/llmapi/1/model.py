@@ -129,14 +129,14 @@ class TritonPythonModel:
 
     def _response(self, job, text, completion):
         outputs = [
-            tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
-            tensor("finish_reason", np.array([[str(completion.finish_reason or "").encode()]], dtype=np.object_)),
+            tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            tensor("finish_reason", np.array([str(completion.finish_reason or "").encode()], dtype=np.object_)),
         ]
         if job.flags["return_stop_reason"]:
-            outputs.append(tensor("stop_reason", np.array([[str(completion.stop_reason or "").encode()]], dtype=np.object_)))
+            outputs.append(tensor("stop_reason", np.array([str(completion.stop_reason or "").encode()], dtype=np.object_)))
         if job.flags["return_cumulative_logprob"]:
             value = completion.cumulative_logprob
-            outputs.append(tensor("cumulative_logprob", np.array([[value if value is not None else np.nan]], np.float32)))
+            outputs.append(tensor("cumulative_logprob", np.array([value if value is not None else np.nan], np.float32)))
         return pb_utils.InferenceResponse(output_tensors=outputs)
 
     def finalize(self):

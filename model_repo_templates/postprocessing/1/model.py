@@ -1,4 +1,9 @@
-"""Detokenize output_ids into text_output."""
+"""Detokenize output_ids into text_output.
+
+OUTPUT is one string per (batch, beam), flattened: shape [batch * beams], as NVIDIA's
+postprocessing returns it, so the ensemble's text_output reaches a client as a 1-D array whose
+element 0 is bytes (NVIDIA's clients read `output[0].decode()`).
+"""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -18,10 +23,7 @@ class TritonPythonModel:
         for request in requests:
             tokens = optional(request, "TOKENS_BATCH")  # [batch, beams, tokens]
             lengths = optional(request, "SEQUENCE_LENGTH")  # [batch, beams]
-            texts = [
-                [self._decode(tokens[b, k, : lengths[b, k]]) for k in range(tokens.shape[1])]
-                for b in range(tokens.shape[0])
-            ]
+            texts = [self._decode(tokens[b, k, : lengths[b, k]]) for b in range(tokens.shape[0]) for k in range(tokens.shape[1])]
             responses.append(pb_utils.InferenceResponse(output_tensors=[tensor("OUTPUT", np.array(texts, dtype=np.object_))]))
         return responses
 
