@@ -1,6 +1,8 @@
 """Outputs are written to a temporary sibling directory and renamed into place when complete.
 
-A failed build therefore never leaves a half-written repository, engine or export behind.
+A failed build therefore never leaves a half-written repository, engine or export behind, and no
+command can replace its own inputs: every writer names what it reads, and an `--out` that is, holds
+or lies inside one of them is refused whatever `--force` says.
 """
 
 from __future__ import annotations
@@ -9,13 +11,34 @@ import contextlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from builder.errors import TrtbuildError
 
+Inputs = Iterable["Path | str | None"]
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse to overwrite a non-empty directory unless asked to."""
+
+def _overlap(out: Path, source: Path) -> str | None:
+    if out == source:
+        return "is"
+    if out in source.parents:
+        return "contains"
+    if source.is_dir() and source in out.parents:
+        return "lies inside"
+    return None
+
+
+def check_output_dir(out: Path, force: bool, *, inputs: Inputs) -> None:
+    """Refuse to overwrite a non-empty directory unless asked to, and an input always."""
+    out = Path(out).expanduser().resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        source = Path(source).expanduser().resolve()
+        relation = _overlap(out, source)
+        if relation:
+            raise TrtbuildError(f"--out {out} {relation} the input {source}; writing there would destroy what this command reads",
+                                hint="choose an --out outside every input (--force never overrides this)")
     if out.exists() and not out.is_dir():
         raise TrtbuildError(f"{out} exists and is not a directory", hint="choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -23,12 +46,16 @@ def check_output_dir(out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, force: bool = False, *, inputs: Inputs) -> Iterator[Path]:
     """Yield a staging directory that replaces `out` only if the block succeeds."""
+    inputs = list(inputs)
     out = Path(out).absolute()
-    check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    check_output_dir(out, force, inputs=inputs)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise TrtbuildError(f"cannot write under {out.parent}: {e.strerror or e}", hint="choose a writable --out") from None
     staging.chmod(0o755)
     try:
         yield staging

@@ -73,7 +73,7 @@ def write_demo_checkpoint(out: Path, kind: str = "smollm2", *, force: bool = Fal
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    with atomic_output_dir(Path(out), force=force) as staging:
+    with atomic_output_dir(Path(out), force=force, inputs=()) as staging:
         tokenizer = load_smollm2_tokenizer()
         if kind == "smollm2":
             model = transformers.AutoModelForCausalLM.from_pretrained(_smollm2_dir(), gguf_file=SMOLLM2_GGUF)

@@ -99,7 +99,7 @@ def run_cmd(url, protocol, model, interface, stream, concurrency, request_rate, 
     from clients.report import table, write
 
     if out is not None:
-        check_output_dir(out, force)
+        check_output_dir(out, force, inputs=(prompts_file, tokenizer if tokenizer and Path(tokenizer).exists() else None))
     loads = [LoadPoint(concurrency=int(c)) for c in _numbers(concurrency, int, "--concurrency")]
     loads += [LoadPoint(request_rate=r, arrival=arrival, max_concurrency=max_concurrency)
               for r in _numbers(request_rate, float, "--request-rate")]
@@ -125,7 +125,7 @@ def run_cmd(url, protocol, model, interface, stream, concurrency, request_rate, 
         for error, count in run.metrics.errors.items():
             console.print(f"[red]{run.load.label}: {count} x[/] {error}", highlight=False)
     if out is not None:
-        write(result, out, force=force, plots=not no_plots)
+        write(result, out, inputs=(prompts_file,), force=force, plots=not no_plots)
         console.print(f"[green]wrote[/] {out} (results.json, results.csv, requests.jsonl{'' if no_plots else ', plots'})")
     if any(r.aborted == "interrupted" for r in result.runs) or any("interrupted" in n for n in result.notes):
         console.print("[yellow]interrupted:[/] the results above cover what was measured before Ctrl-C")

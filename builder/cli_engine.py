@@ -56,7 +56,7 @@ def engine(checkpoint: Path, out: Path, runner: str, image: str | None, tokenize
 
     plan = plan_engine(checkpoint, EngineOptions(**options), out, runner=choose_runner(runner, image), tokenizer_dir=tokenizer_dir)
     if dry_run:
-        check_output_dir(plan.out, force)
+        check_output_dir(plan.out, force, inputs=plan.inputs)
         if as_json:
             click.echo(json.dumps(plan.to_json(), indent=2))
         else:

@@ -98,16 +98,17 @@ def validate_cmd(checkpoint, variants, precisions, gate_precision, corpus, seq_l
         report = ValidationReport(None, {"compared": [str(p) for p in compare]}, earlier)
         click.echo(markdown_table(earlier, title="Comparison of earlier reports"))
         if out:
-            write_report(report, out, force=force)
+            write_report(report, out, inputs=compare, force=force)
             console.print(f"[green]wrote[/] {out}/report.md, deltas.png")
         return
     if not variants and not precisions and not url:
         raise TrtbuildError("nothing to compare with the checkpoint",
                             hint="pass --variant hf:DIR / onnx:PATH, --precision FORMAT or --server HOST:PORT")
+    inputs = (checkpoint, corpus, prompts, *compare, *(v.split(":", 1)[-1] for v in variants))
     if out:
         from builder.atomic import check_output_dir
 
-        check_output_dir(Path(out), force)
+        check_output_dir(Path(out), force, inputs=inputs)
 
     specs = [VariantSpec.parse(v, gate_precision) for v in variants] + [VariantSpec.fake_quant(p) for p in precisions]
     results: list[VariantResult] = []
@@ -128,7 +129,7 @@ def validate_cmd(checkpoint, variants, precisions, gate_precision, corpus, seq_l
     if earlier:
         click.echo(markdown_table(results + earlier, title="Compared with earlier reports"))
     if out:
-        write_report(report, out, force=force, extra=earlier)
+        write_report(report, out, inputs=inputs, force=force, extra=earlier)
         console.print(f"[green]wrote[/] {out}/report.json, report.md, deltas.png")
     failures = [(r, g) for r in results for g in r.failures]
     for r, g in failures:

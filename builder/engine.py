@@ -591,6 +591,11 @@ class EnginePlan:
         c = self.config
         return ConvertStep(self.source.path, c.precision, c.kv_cache_dtype, c.dtype, c.tp_size, c.pp_size)
 
+    @property
+    def inputs(self) -> tuple[Path | None, ...]:
+        """What the build reads, which its --out must never touch."""
+        return (self.source.path, self.tokenizer, getattr(self.config, "calib_data", None))
+
     def commands_for(self, staging: Path) -> tuple[Path, tuple[str, ...]]:
         """(where the checkpoint is written, the build command) with outputs going to `staging`."""
         docker = self.runner.kind == "docker"
@@ -752,14 +757,14 @@ def default_converter(step: ConvertStep, output: Path) -> None:
 
 def build_engine(plan: EnginePlan, *, force: bool = False, converter: Converter | None = None) -> EngineManifest:
     """Run the plan; the engine directory appears only when complete."""
-    check_output_dir(plan.out, force)
+    check_output_dir(plan.out, force, inputs=plan.inputs)
     if plan.runner.kind == "local" and not shutil.which(TRTLLM_BUILD):
         raise TrtbuildError(f"{TRTLLM_BUILD} is not on PATH", hint="use --runner docker to build in the pinned container")
     if plan.runner.kind == "docker" and not shutil.which("docker"):
         raise TrtbuildError("docker is not on PATH", hint="install Docker with the NVIDIA container toolkit, or run where trtllm-build is installed")
     from builder import __version__
 
-    with atomic_output_dir(plan.out, force=force) as staging:
+    with atomic_output_dir(plan.out, force=force, inputs=plan.inputs) as staging:
         host_ckpt, build = plan.commands_for(staging)
         commands: list[list[str]] = []
         if plan.convert:

@@ -323,7 +323,7 @@ def generate(repository: Path, out: Path, options: K8sOptions = K8sOptions(), *,
     """Plan, render and write the manifests for `repository` into `out` (atomically)."""
     plan = plan_deployment(repository, options)
     files = render(plan)
-    with atomic_output_dir(Path(out), force=force) as staging:
+    with atomic_output_dir(Path(out), force=force, inputs=(repository,)) as staging:
         for rel, text in files.items():
             path = staging / rel
             path.parent.mkdir(parents=True, exist_ok=True)

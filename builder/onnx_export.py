@@ -711,7 +711,8 @@ def export_onnx(options: ExportOptions, progress=None) -> ExportResult:
     say = progress or (lambda message: None)
     info = inspect_checkpoint(options.checkpoint, options.task)
     mode = check_options(options, info)
-    check_output_dir(Path(options.out).absolute(), options.force)
+    inputs = (options.checkpoint, options.calib_data)
+    check_output_dir(Path(options.out).absolute(), options.force, inputs=inputs)
     texts = read_calibration_texts(options.calib_data, options.calib_samples) if mode == "static" else None
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -720,7 +721,7 @@ def export_onnx(options: ExportOptions, progress=None) -> ExportResult:
     module = load_torch_model(info)
     timings["load_s"] = time.perf_counter() - t
     with tempfile.TemporaryDirectory(prefix="trtbuild-onnx-") as scratch_dir, \
-            atomic_output_dir(Path(options.out), force=options.force) as staging:
+            atomic_output_dir(Path(options.out), force=options.force, inputs=inputs) as staging:
         scratch = Path(scratch_dir)
         fp32_path = scratch / MODEL_FILE
         say(f"exporting {info.task.name} with torch.onnx.export(dynamo=True, opset {options.opset})")

@@ -361,5 +361,5 @@ def generate_onnx_repository(serve: OnnxServeSpec, out: Path, *, force: bool = F
     if trtexec:
         manifest["trtexec"] = {"command": trtexec, "image": TENSORRT_IMAGE, "serve_image": TRITON_IMAGE,
                                "script": "encoder/build_engine.sh"}
-    write_repository(rendered, out, manifest, force=force)
+    write_repository(rendered, out, manifest, inputs=(serve.export_dir,), force=force)
     return OnnxRepository(Path(out), manifest, trtexec)

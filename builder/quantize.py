@@ -350,9 +350,7 @@ def plan(checkpoint: Path, out: Path, options: QuantizeOptions, *, force: bool =
         if not torch.cuda.is_available():
             raise TrtbuildError("--device cuda but torch sees no CUDA device", hint="use --device cpu")
     out = Path(out).absolute()
-    if out == checkpoint or checkpoint in out.parents:
-        raise TrtbuildError(f"--out {out} is inside the checkpoint {checkpoint}", hint="write the export elsewhere")
-    check_output_dir(out, force)
+    check_output_dir(out, force, inputs=(checkpoint, o.calib_data))
     _import_modelopt(o.format)
 
     if dtype is None:
@@ -648,7 +646,7 @@ def _run_plan(p: QuantizePlan, force: bool, console: "Console | None") -> Quanti
             hint="try a higher precision or more/better --calib-data; nothing was written",
         )
 
-    with atomic_output_dir(p.out, force=force) as staging:
+    with atomic_output_dir(p.out, force=force, inputs=(p.checkpoint, p.calibration.path)) as staging:
         quant = _export(model, p, staging)
         tokenizer_files = _copy_tokenizer(p.checkpoint, staging)
         for path in staging.rglob("*"):  # safetensors writes 0600; a build container may run as another user

@@ -427,9 +427,11 @@ def check_ensembles(models: list[RenderedModel]) -> None:
                 raise TrtbuildError(f"{where}: output '{out.name}' does not match the type/shape its step produces")
 
 
-def write_repository(rendered: list[RenderedModel], out: Path, manifest: dict[str, Any], *, force: bool = False,
+def write_repository(rendered: list[RenderedModel], out: Path, manifest: dict[str, Any], *, inputs, force: bool = False,
                      root: Path = TEMPLATE_ROOT) -> Path:
-    with atomic_output_dir(out, force=force) as staging:
+    """Write atomically; `inputs` (and every artifact copied in) must lie outside `out`."""
+    sources = [*inputs, *(source for m in rendered for source in m.plan.artifacts.values())]
+    with atomic_output_dir(out, force=force, inputs=sources) as staging:
         for model in rendered:
             target = staging / model.plan.name
             target.mkdir(parents=True)
@@ -467,7 +469,8 @@ def generate(spec: BuildSpec, out: Path, *, force: bool = False) -> Path:
         "models": models,
         "entrypoints": {k: v for k, v in {"ensemble": spec.names.ensemble, "bls": spec.names.bls}.items() if v in models},
     }
-    return write_repository(rendered, out, manifest, force=force)
+    inputs = (spec.checkpoint, spec.tokenizer_dir, spec.engine_dir, spec.text_env)
+    return write_repository(rendered, out, manifest, inputs=inputs, force=force)
 
 
 def _version() -> str:

@@ -736,10 +736,10 @@ def plot_deltas(results: list[VariantResult], out: Path) -> Path:
     return out
 
 
-def write_report(report: ValidationReport, out: Path, *, force: bool = False, extra: list[VariantResult] | None = None) -> Path:
+def write_report(report: ValidationReport, out: Path, *, inputs=(), force: bool = False, extra: list[VariantResult] | None = None) -> Path:
     """report.json, report.md and deltas.png (the chart also shows `extra` results from --compare)."""
     shown = report.variants + list(extra or [])
-    with atomic_output_dir(Path(out), force=force) as staging:
+    with atomic_output_dir(Path(out), force=force, inputs=inputs) as staging:
         (staging / "report.json").write_text(json.dumps(report.to_json(), indent=2, allow_nan=True) + "\n")
         text = report.markdown()
         if extra:
@@ -832,7 +832,7 @@ def write_variant_checkpoint(checkpoint: Path, out: Path, *, noise: float = 0.0,
     if dtype:
         model = model.to(getattr(torch, dtype))
     tokenizer = load_tokenizer(checkpoint)
-    with atomic_output_dir(Path(out), force=force) as staging:
+    with atomic_output_dir(Path(out), force=force, inputs=(checkpoint,)) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
     return Path(out)

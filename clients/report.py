@@ -95,9 +95,9 @@ def csv_rows(result: "BenchResult") -> list[dict[str, Any]]:
     return rows
 
 
-def write(result: "BenchResult", out: Path, *, force: bool = False, plots: bool = True) -> Path:
+def write(result: "BenchResult", out: Path, *, inputs=(), force: bool = False, plots: bool = True) -> Path:
     """Write every file at once (atomically) under `out`."""
-    with atomic_output_dir(Path(out), force) as staging:
+    with atomic_output_dir(Path(out), force, inputs=inputs) as staging:
         (staging / "results.json").write_text(json.dumps(result.to_json(), indent=2, default=str))
         rows = csv_rows(result)
         if rows:
