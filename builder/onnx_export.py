@@ -430,12 +430,17 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
 def quantize_int8_dynamic(src: Path, dst: Path, arch: OnnxArchitecture) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from builder.cpu import int8_kernels
+
+    kernels = int8_kernels()
     nodes, fp32 = int8_nodes(src, arch.fp32_modules)
     _quiet_quantizer()
-    quantize_dynamic(str(src), str(dst), nodes_to_quantize=nodes, per_channel=True, weight_type=QuantType.QInt8,
+    weight_type = QuantType.QInt8 if kernels.weights == "int8" else QuantType.QUInt8
+    quantize_dynamic(str(src), str(dst), nodes_to_quantize=nodes, per_channel=True, weight_type=weight_type,
                      use_external_data_format=_is_large(src))
-    return {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per-channel",
-            "activations": "int8 per-tensor, scaled at run time", "quantized_matmuls": len(nodes), "fp32_matmuls": len(fp32)}
+    return {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": f"{kernels.weights} per-channel",
+            "weight_type": kernels.weights, "kernel_choice": kernels.reason,
+            "activations": "uint8 per-tensor, scaled at run time", "quantized_matmuls": len(nodes), "fp32_matmuls": len(fp32)}
 
 
 def text_calibration(info: CheckpointInfo, texts: list[str], seq_len: int, batch: int = 8):

@@ -202,8 +202,9 @@ def test_precision_exports_stay_within_tolerance(which, precision, mode, tmp_pat
         assert m["conversion"]["fp32_matmuls"] >= 2  # FFN down-projections stay FP32
     if precision == "fp16":
         assert (result.out / "model.onnx").stat().st_size < 0.6 * (fp32.out / "model.onnx").stat().st_size
-    else:
-        assert onnx.TensorProto.INT8 in types
+    else:  # int8 weights where U8S8 is exact on this CPU, uint8 (U8U8) where it would saturate
+        weights = {"int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8}[m["conversion"]["weight_type"]]
+        assert weights in types and m["conversion"]["kernel_choice"]
     summary = m["validation"]["summary"]
     assert summary["rel"] > fp32.manifest["validation"]["summary"]["rel"]  # the conversion really changed the numbers
     if which == "bert":
@@ -568,3 +569,18 @@ def test_served_decoder_batches_concurrent_requests(llama_server, tiny_checkpoin
     assert got == _generate_reference(tiny_checkpoint, prompts, 6)
     after = _stats(llama_server, "llm")
     assert any(size > 1 and after[size] > before.get(size, 0) for size in after), after
+
+
+@pytest.mark.parametrize("flags, machine, weights", [
+    ({"avx2", "fma"}, "x86_64", "uint8"),  # AMD EPYC / older Xeon: U8S8 saturates
+    ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", "int8"),
+    ({"avx2", "avx_vnni"}, "x86_64", "int8"),
+    (set(), "aarch64", "int8"),
+])
+def test_int8_weight_type_follows_the_cpu(flags, machine, weights, monkeypatch):
+    from builder.cpu import int8_kernels
+
+    monkeypatch.delenv("TRTBUILD_INT8_KERNEL", raising=False)
+    assert int8_kernels(flags, machine).weights == weights
+    monkeypatch.setenv("TRTBUILD_INT8_KERNEL", "u8s8")
+    assert int8_kernels(flags, machine).weights == "int8"
