@@ -1,22 +1,27 @@
-"""The GPU suite: serve, benchmark and validate a 1B-class Llama in one run (bench/gpu_suite.sh).
+"""The GPU suite: one device call, a 1.07B Llama in bf16, 128 tokens in / 128 out (EOS ignored).
 
-Measured side by side, fixed input/output lengths (output length forced, EOS ignored):
-  (a) transformers `generate` with static batches: the baseline users have today;
-  (b) our runtime called directly: the continuous-batching manager the Triton model runs, exactly
-      as llm_runtime.py sets it up, at N concurrent requests (closed loop);
-  (c) the same through Triton: ensemble and BLS, gRPC streaming, via `trtbuild bench`;
-  (d) FP8 (row-wise scaled torch._scaled_mm) against BF16 on the runtime, with the logits delta.
-Writes suite.json, suite.csv and PNG plots to --out and prints a table last.
-`--preset tiny --device cpu` runs every stage on a CPU in about a minute (tests/test_gpu_suite.py).
+Stages, each printing one line per measurement and rewriting suite.json when it ends (a run
+killed at its time limit keeps what it measured):
+  hf_static    transformers `generate`, static batches, eager: the baseline users already have;
+  engine       trtbuild_runtime called directly, closed loop at N concurrent requests
+               (requests per point: max(4 x N, 16)), TTFT / ITL / latency percentiles;
+  agreement    greedy tokens of the engine vs `generate` in the same dtype, 64 prompts x 128;
+  profile      torch-profiler trace of decode steps at 64 and 256 streams: GPU kernel time vs
+               host time per step (profile_*.json is the Chrome trace);
+  triton       the generated repository behind the real tritonserver: ensemble and llm_bls,
+               gRPC streaming, `trtbuild bench` (requests per point: max(2 x N, 16));
+  hf_compiled  `generate` with cache_implementation="static" (torch.compile), the stronger
+               baseline; last, because compiling costs minutes.
+Every row carries its fraction of the physical bound: bytes a decode step must read (weights +
+KV of the live context) over the HBM bandwidth. `--quick` runs a 3-minute subset.
+`--preset tiny --device cpu` runs every stage on a CPU (tests/test_gpu_suite.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -33,19 +38,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from builder.checkpoint import load_model_spec  # noqa: E402
-from builder.repository import TEMPLATE_ROOT, generate as generate_repository  # noqa: E402
+from builder.repository import generate as generate_repository  # noqa: E402
 from builder.server import TritonServer  # noqa: E402
 from builder.spec import BuildSpec, KVCacheSpec  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("llm_runtime", TEMPLATE_ROOT / "llm_transformers" / "1" / "llm_runtime.py")
-llm_runtime = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(llm_runtime)
+from trtbuild_runtime import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
 PRESETS = {
     # ~1.07B parameters: hidden 2048, 16 layers, GQA 32/8, SmolLM2's 49,152-token vocabulary
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
 }
+HBM_BYTES_PER_S = 4.8e12  # H200 datasheet
 
 
 @dataclasses.dataclass
@@ -58,26 +61,70 @@ class Row:
     ttft_p99_ms: float | None = None
     itl_p50_ms: float | None = None
     latency_p50_ms: float | None = None
+    bound_fraction: float | None = None
     note: str = ""
+
+
+class Suite:
+    """Rows, per-stage status and the report file, rewritten after every stage."""
+
+    def __init__(self, out: Path, report: dict, bound):
+        self.out, self.report, self.bound = out, report, bound
+        self.rows: list[Row] = []
+        report.setdefault("stages", {})
+
+    def add(self, row: Row) -> None:
+        row.bound_fraction = row.output_tokens_per_s / self.bound(row.concurrency)
+        self.rows.append(row)
+        print(f"  {row.path:44} {row.concurrency:>4} {row.output_tokens_per_s:>10.1f} tok/s  "
+              f"TTFT p50 {_fmt(row.ttft_p50_ms)} p99 {_fmt(row.ttft_p99_ms)}  ITL p50 {_fmt(row.itl_p50_ms)}  "
+              f"{row.bound_fraction:.1%} of bound {row.note}", flush=True)
+
+    def stage(self, name: str, fn) -> object:
+        print(f"== {name}", flush=True)
+        t = time.time()
+        try:
+            value = fn()
+            self.report["stages"][name] = {"seconds": round(time.time() - t, 1), "ok": True}
+            return value
+        except Exception as e:  # noqa: BLE001 - one failed stage must not lose the others' numbers
+            import traceback
+
+            traceback.print_exc()
+            self.report["stages"][name] = {"seconds": round(time.time() - t, 1), "ok": False, "error": f"{type(e).__name__}: {e}"}
+            return None
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.save()
+
+    def save(self) -> None:
+        self.report["rows"] = [dataclasses.asdict(r) for r in self.rows]
+        self.report["goals"] = goals(self.rows, self.report)
+        self.report["seconds"] = round(time.time() - self.report["started"], 1)
+        (self.out / "suite.json").write_text(json.dumps(self.report, indent=2))
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def build_checkpoint(out: Path, preset: str, tokenizer_dir: Path, dtype: str) -> Path:
     import transformers
+    from tokenizers import Tokenizer
 
-    sys.path.insert(0, str(TEMPLATE_ROOT / "_common"))
-    from trtbuild_tokenizer import Tokenizer
-
-    tok = Tokenizer(tokenizer_dir)
+    vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
     shutil.rmtree(out, ignore_errors=True)
-    config = transformers.LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=True,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id, **PRESETS[preset])
+    config = transformers.LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=True,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=2, **PRESETS[preset])
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = transformers.LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(out)
     for f in tokenizer_dir.iterdir():
-        shutil.copy(f, out / f.name)
+        if f.is_file():
+            shutil.copy(f, out / f.name)
     del model
     return out
 
@@ -87,136 +134,217 @@ def prompts(vocab: int, count: int, length: int, seed: int = 0) -> list[list[int
     return rng.integers(100, vocab - 100, size=(count, length)).tolist()
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
+def _sync() -> None:
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def _free(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+def _p(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
 
 
-def static_generate(model, device: str, batches: list[int], in_len: int, out_len: int) -> list[Row]:
-    rows = []
+# ---------------------------------------------------------------------- HF baselines
+def load_hf(checkpoint: Path, dtype: str, device: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype), attn_implementation="sdpa").to(device).eval()
+
+
+def hf_static(suite: Suite, model, device: str, batches: list[int], in_len: int, out_len: int, compiled: bool) -> None:
+    label = "HF generate, static cache + torch.compile" if compiled else "HF generate, static batch, eager"
+    extra = dict(cache_implementation="static") if compiled else {}
     for batch in batches:
         ids = torch.tensor(prompts(model.config.vocab_size, batch, in_len, seed=batch), device=device)
-        kwargs = dict(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, pad_token_id=0)
+        kwargs = dict(max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False, pad_token_id=0, **extra)
         with torch.no_grad():
-            model.generate(ids, **kwargs)  # warm-up
-            _sync(device)
+            t = time.perf_counter()
+            model.generate(ids, **kwargs)  # warm-up (and, compiled, the compilation)
+            _sync()
+            warm = time.perf_counter() - t
             start = time.perf_counter()
             out = model.generate(ids, **kwargs)
-            _sync(device)
+            _sync()
         elapsed = time.perf_counter() - start
-        generated = (out.shape[1] - in_len) * batch
-        rows.append(Row("(a) HF generate, static batch", batch, generated / elapsed, batch,
-                        latency_p50_ms=elapsed * 1e3))
-    return rows
+        suite.add(Row(label, batch, (out.shape[1] - in_len) * batch / elapsed, batch, latency_p50_ms=elapsed * 1e3,
+                      note=f"warm-up {warm:.0f} s" if compiled else ""))
 
 
-def direct_runtime(model, concurrencies: list[int], in_len: int, out_len: int, page_size: int, label: str,
-                   requests_per_slot: int = 2) -> list[Row]:
-    """Closed loop on the continuous-batching manager, as the Triton model drives it."""
-    manager, per_request, _ = llm_runtime.continuous_batching(
-        model, eos_token_id=-1, pad_token_id=0, max_input_len=in_len, max_output_len=out_len, page_size=page_size,
-        num_blocks=max(concurrencies) * (-(-(in_len + out_len) // page_size)), free_gpu_mem_fraction=0.85)
-    greedy = llm_runtime.sampling_kwargs(per_request, model.config.vocab_size)
-    rows = []
-    try:
-        for concurrency in [1, *concurrencies]:  # the first pass at 1 warms up kernels and graphs
-            total = max(concurrency * requests_per_slot, 4)
-            queue = prompts(model.config.vocab_size, total, in_len, seed=concurrency)
-            sent, first, done, counts = {}, {}, {}, {}
-            start = time.perf_counter()
-
-            def submit(i):
-                rid = f"{label}-{concurrency}-{i}"
-                sent[rid] = time.perf_counter()
-                manager.add_request(queue[i], request_id=rid, max_new_tokens=out_len, streaming=True, eos_token_id=-1, **greedy)
-
-            for i in range(min(concurrency, total)):
-                submit(i)
-            next_index = min(concurrency, total)
-            while len(done) < total:
-                result = manager.get_result(timeout=60)
-                if result is None:
-                    raise RuntimeError(f"the runtime stalled at concurrency {concurrency}")
-                now = time.perf_counter()
-                first.setdefault(result.request_id, now)
-                if result.is_finished():
-                    if result.error:
-                        raise RuntimeError(result.error)
-                    done[result.request_id] = now
-                    counts[result.request_id] = len(result.generated_tokens)
-                    if next_index < total:
-                        submit(next_index)
-                        next_index += 1
-            elapsed = time.perf_counter() - start
-            if concurrency == 1 and not rows and concurrencies[0] != 1:
-                rows.append(None)  # the warm-up pass is not reported
-                continue
-            ttft = [(first[r] - sent[r]) * 1e3 for r in done]
-            latency = [(done[r] - sent[r]) * 1e3 for r in done]
-            itl = [(done[r] - first[r]) * 1e3 / max(counts[r] - 1, 1) for r in done]
-            rows.append(Row(label, concurrency, sum(counts.values()) / elapsed, total,
-                            *_p(ttft), statistics.median(itl), statistics.median(latency)))
-    finally:
-        manager.stop(block=True, timeout=30)
-        model.destroy_cached_continuous_batching_manager()
-    return [r for r in rows if r is not None][-len(concurrencies):]
+# ---------------------------------------------------------------------- our engine
+def engine_config(checkpoint: Path, dtype: str, device: str, max_seqs: int, max_len: int, **kw) -> EngineConfig:
+    return EngineConfig(str(checkpoint), dtype=dtype, device=device, max_num_seqs=max_seqs, max_model_len=max_len,
+                        gpu_memory_fraction=0.85, **kw)
 
 
-def _p(values: list[float]) -> tuple[float, float]:
-    return float(np.percentile(values, 50)), float(np.percentile(values, 99))
+def closed_loop(engine: LLMEngine, concurrency: int, total: int, in_len: int, out_len: int, seed: int) -> dict:
+    """Keep `concurrency` requests in flight until `total` have finished; per-request timings."""
+    queue = prompts(engine.vocab_size, total, in_len, seed=seed)
+    params = SamplingParams(max_tokens=out_len, top_k=1, ignore_eos=True)
+    sent, first, done, counts = {}, {}, {}, {}
+    next_index = 0
+
+    def submit():
+        nonlocal next_index
+        rid = f"{seed}-{next_index}"
+        sent[rid] = time.perf_counter()
+        engine.add_request(rid, queue[next_index], params)
+        next_index += 1
+
+    start = time.perf_counter()
+    while next_index < min(concurrency, total):
+        submit()
+    while len(done) < total:
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            first.setdefault(out.request_id, now)
+            if out.is_finished():
+                if out.error:
+                    raise RuntimeError(out.error)
+                done[out.request_id] = now
+                counts[out.request_id] = len(out.generated_tokens)
+                if next_index < total:
+                    submit()
+    elapsed = time.perf_counter() - start
+    return dict(elapsed=elapsed, tokens=sum(counts.values()),
+                ttft=[(first[r] - sent[r]) * 1e3 for r in done], latency=[(done[r] - sent[r]) * 1e3 for r in done],
+                itl=[(done[r] - first[r]) * 1e3 / max(counts[r] - 1, 1) for r in done])
 
 
-def through_triton(checkpoint: Path, device: str, dtype: str, quantization: str, concurrencies: list[int], in_len: int,
-                   out_len: int, models: list[str], out: Path) -> list[Row]:
+def engine_direct(suite: Suite, engine: LLMEngine, concurrencies: list[int], in_len: int, out_len: int, per_point) -> None:
+    closed_loop(engine, 2, 4, in_len, out_len, seed=999)  # warm-up
+    for c in concurrencies:
+        total = per_point(c)
+        r = closed_loop(engine, c, total, in_len, out_len, seed=c)
+        suite.add(Row("trtbuild_runtime direct", c, r["tokens"] / r["elapsed"], total, _p(r["ttft"], 50), _p(r["ttft"], 99),
+                      statistics.median(r["itl"]), statistics.median(r["latency"]),
+                      note=f"preemptions {engine.scheduler.preemptions}"))
+
+
+def agreement(suite: Suite, engine: LLMEngine, hf, device: str, count: int, in_len: int, out_len: int) -> dict:
+    ids = prompts(engine.vocab_size, count, in_len, seed=4242)
+    ours = [o.generated_tokens for o in engine.generate(ids, SamplingParams(max_tokens=out_len, top_k=1, ignore_eos=True))]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(ids, device=device), max_new_tokens=out_len, min_new_tokens=out_len,
+                          do_sample=False, pad_token_id=0)[:, in_len:].tolist()
+    same = sum(a == b for x, y in zip(ours, ref) for a, b in zip(x, y))
+    prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(y)) / len(y) for x, y in zip(ours, ref)]
+    result = {"prompts": count, "tokens": out_len, "token_agreement": same / (count * out_len),
+              "exact_sequences": sum(x == y for x, y in zip(ours, ref)) / count, "prefix_agreement": statistics.mean(prefix)}
+    print(f"  token agreement {result['token_agreement']:.4f}, exact {result['exact_sequences']:.3f}, "
+          f"prefix {result['prefix_agreement']:.3f}", flush=True)
+    suite.report["agreement"] = result
+    return result
+
+
+def profile_decode(suite: Suite, engine: LLMEngine, concurrencies: list[int], in_len: int, out_len: int, out: Path) -> None:
+    """Per decode step: wall time, GPU kernel time (profiler), and what is left: host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    results = {}
+    for c in concurrencies:
+        for i in range(c):
+            engine.add_request(f"prof-{c}-{i}", prompts(engine.vocab_size, 1, in_len, seed=i)[0],
+                               SamplingParams(max_tokens=out_len, top_k=1, ignore_eos=True))
+        while engine.scheduler.waiting:
+            engine.step()
+        steps = max(1, min(16, out_len - 6))
+        for _ in range(min(4, out_len - steps - 1)):
+            engine.step()
+        _sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            t = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            _sync()
+            wall = (time.perf_counter() - t) / steps
+        events = prof.key_averages()
+        gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / steps
+        top = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:8]
+        trace = out / f"profile_decode_{c}.json"
+        prof.export_chrome_trace(str(trace))
+        results[c] = {"step_ms": wall * 1e3, "gpu_kernel_ms": gpu_us / 1e3, "host_ms": wall * 1e3 - gpu_us / 1e3,
+                      "gpu_share": gpu_us / 1e3 / (wall * 1e3), "trace": trace.name,
+                      "top_kernels": [(e.key[:60], round(getattr(e, "self_device_time_total", 0) / steps / 1e3, 3)) for e in top]}
+        print(f"  {c:>4} streams: step {wall * 1e3:.2f} ms, GPU kernels {gpu_us / 1e3:.2f} ms "
+              f"({results[c]['gpu_share']:.0%}), host/idle {results[c]['host_ms']:.2f} ms", flush=True)
+        for name, ms in results[c]["top_kernels"][:5]:
+            print(f"        {ms:7.3f} ms  {name}", flush=True)
+        for rid in list(engine.seqs):
+            engine.abort(rid)
+    suite.report["profile"] = results
+
+
+# ---------------------------------------------------------------------- through Triton
+def through_triton(suite: Suite, checkpoint: Path, device: str, dtype: str, concurrencies: list[int], in_len: int,
+                   out_len: int, models: list[str], out: Path, per_point) -> None:
     from clients.bench import BenchConfig, run_benchmark
     from clients.loadgen import LoadPoint
     from clients.prompts import LengthDistribution
 
     text_env = os.environ.get("TRTBUILD_TEXT_ENV")
     spec = BuildSpec(checkpoint=checkpoint, model=load_model_spec(checkpoint), device=device, dtype=dtype,
-                     quantization=quantization, max_batch_size=max(concurrencies), max_input_len=in_len + 8,
-                     max_output_len=out_len, kv_cache=KVCacheSpec(free_gpu_mem_fraction=0.85),
-                     text_env=Path(text_env) if text_env else None)
-    repo = generate_repository(spec, out / f"model_repo_{quantization}", force=True)
-    server = TritonServer(repo, log_path=out / f"tritonserver_{quantization}.log")
-    server.start(timeout=600)
-    rows = []
+                     max_batch_size=max(concurrencies), max_input_len=in_len + 8, max_output_len=out_len,
+                     kv_cache=KVCacheSpec(free_gpu_mem_fraction=0.85), text_env=Path(text_env) if text_env else None)
+    repo = generate_repository(spec, out / "model_repo", force=True)
+    server = TritonServer(repo, log_path=out / "tritonserver.log")
+    t = time.time()
+    server.start(timeout=300)
+    print(f"  server ready in {time.time() - t:.0f} s (engine: {json.loads((repo / 'trtbuild.json').read_text())['llm_engine']})", flush=True)
     try:
         for model in models:
-            config = BenchConfig(url=server.grpc_url, protocol="grpc", model=model, stream=True,
-                                 loads=tuple(LoadPoint(concurrency=c) for c in concurrencies),
-                                 requests=max(2 * max(concurrencies), 8), warmup=2, tokenizer=checkpoint,
-                                 input_tokens=LengthDistribution(in_len), output_tokens=LengthDistribution(out_len))
-            result = run_benchmark(config)
-            (out / f"bench_{model}_{quantization}.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
-            for run in result.runs:
+            for c in concurrencies:
+                config = BenchConfig(url=server.grpc_url, protocol="grpc", model=model, stream=True,
+                                     loads=(LoadPoint(concurrency=c),), requests=per_point(c), warmup=2, tokenizer=checkpoint,
+                                     input_tokens=LengthDistribution(in_len), output_tokens=LengthDistribution(out_len))
+                result = run_benchmark(config)
+                (out / f"bench_{model}.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
+                (run,) = result.runs
                 m = run.metrics
-                rows.append(Row(f"(c) Triton {model}, gRPC streaming" + (f", {quantization}" if quantization != "none" else ""),
-                                run.load.concurrency, m.output_tokens_per_s, m.completed,
-                                *(None if s is None else getattr(s, q) for s, q in
-                                  ((m.ttft_ms, "p50"), (m.ttft_ms, "p99"), (m.itl_ms, "p50"), (m.latency_ms, "p50"))),
-                                note=f"failed {m.failed}"))
+                suite.add(Row(f"Triton {model}, gRPC streaming", c, m.output_tokens_per_s, m.completed,
+                              *(None if s is None else getattr(s, q) for s, q in
+                                ((m.ttft_ms, "p50"), (m.ttft_ms, "p99"), (m.itl_ms, "p50"), (m.latency_ms, "p50"))),
+                              note=f"failed {m.failed}"))
+                suite.save()
     finally:
         server.stop()
-    return rows
 
 
-def logits_delta(reference, candidate, vocab: int, device: str, length: int = 64, count: int = 8) -> dict[str, float]:
-    ids = torch.tensor(prompts(vocab, count, length, seed=123), device=device)
-    with torch.no_grad():
-        ref = reference(ids).logits.float()
-        new = candidate(ids).logits.float()
-    log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(new, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
-    return {"top1_agreement": (ref.argmax(-1) == new.argmax(-1)).float().mean().item(), "mean_kl": kl,
-            "max_abs_logit_diff": (ref - new).abs().max().item(),
-            "relative_l2": ((ref - new).norm() / ref.norm()).item()}
+# ---------------------------------------------------------------------- goals and output
+def goals(rows: list[Row], report: dict) -> dict:
+    def tps(prefix: str, c: int) -> float | None:
+        values = [r.output_tokens_per_s for r in rows if r.path.startswith(prefix) and r.concurrency == c]
+        return values[0] if values else None
+
+    def ttft(prefix: str, c: int) -> float | None:
+        values = [r.ttft_p50_ms for r in rows if r.path.startswith(prefix) and r.concurrency == c]
+        return values[0] if values else None
+
+    out = {}
+    ours = "trtbuild_runtime"
+    compiled64 = tps("HF generate, static cache", 64)
+    checks = [
+        ("direct_256_tok_s", tps(ours, 256), 25_000),
+        ("direct_1_tok_s", tps(ours, 1), 450),
+        ("direct_64_vs_hf_compiled_64", (tps(ours, 64) or 0) / compiled64 if compiled64 and tps(ours, 64) else None, 1.5),
+        ("direct_256_vs_hf_eager_256", (tps(ours, 256) or 0) / tps("HF generate, static batch", 256)
+         if tps("HF generate, static batch", 256) and tps(ours, 256) else None, 1.0),
+    ]
+    for name, value, goal in checks:
+        if value is not None:
+            out[name] = {"value": value, "goal": goal, "met": value >= goal}
+    t64 = ttft(ours, 64)
+    if t64 is not None:
+        out["direct_64_ttft_p50_ms"] = {"value": t64, "goal": 60, "met": t64 <= 60}
+    for model in ("ensemble", "llm_bls"):
+        for c in (64, 256):
+            served, direct = tps(f"Triton {model}", c), tps(ours, c)
+            if served and direct:
+                out[f"triton_{model}_{c}_vs_direct"] = {"value": served / direct, "goal": 0.9, "met": served / direct >= 0.9}
+    if report.get("agreement"):
+        value = report["agreement"]["token_agreement"]
+        out["token_agreement"] = {"value": value, "goal": 0.99, "met": value >= 0.99}
+    return out
 
 
 def plot(rows: list[Row], out: Path) -> None:
@@ -233,12 +361,27 @@ def plot(rows: list[Row], out: Path) -> None:
             ax2.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=path)
     for ax, title in ((ax1, "output tokens/s"), (ax2, "TTFT p50 (ms)")):
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("concurrent requests (batch size for static generate)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "suite.png", dpi=120)
+    fig.savefig(out / "suite.png", dpi=110)
+    plt.close(fig)
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device']}  {report['parameters'] / 1e9:.2f}B params {report['dtype']}  "
+          f"{report['input_len']} in / {report['output_len']} out  ({report['seconds']} s)")
+    print(f"{'path':44} {'conc':>5} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'bound':>6}")
+    for r in report["rows"]:
+        print(f"{r['path'][:44]:44} {r['concurrency']:>5} {r['output_tokens_per_s']:>9.1f} {_fmt(r['ttft_p50_ms']):>9} "
+              f"{_fmt(r['ttft_p99_ms']):>9} {_fmt(r['itl_p50_ms']):>8} {r['bound_fraction']:>6.1%}")
+    for name, g in report["goals"].items():
+        print(f"goal {name}: {g['value']:.3f} (goal {g['goal']}) {'met' if g['met'] else 'MISSED'}")
+    for name, s in report["stages"].items():
+        print(f"stage {name}: {'ok' if s['ok'] else 'FAILED ' + s['error']} ({s['seconds']} s)")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -250,105 +393,87 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokenizer", type=Path, default=ROOT / ".gpu" / "tokenizer")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--static-batches", default="1,8,32")
+    ap.add_argument("--static-batches", default="1,64,256")
+    ap.add_argument("--compiled-batches", default="1,64")
     ap.add_argument("--concurrency", default="1,16,64,256")
-    ap.add_argument("--fp8-concurrency", default="32,64")
-    ap.add_argument("--page-size", type=int, default=32)
-    ap.add_argument("--skip", default="", help="comma-separated stages to skip: static,direct,triton,fp8")
+    ap.add_argument("--triton-concurrency", default="64,256")
+    ap.add_argument("--agreement-prompts", type=int, default=64)
+    ap.add_argument("--stages", default="hf_static,engine,agreement,profile,triton,hf_compiled")
+    ap.add_argument("--budget-s", type=float, default=540, help="the compiled baseline is skipped when less than 150 s is left")
+    ap.add_argument("--quick", action="store_true", help="a 3-minute subset: no compiled baseline, fewer points")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.static_batches, args.concurrency, args.triton_concurrency = "1,64", "1,64,256", "64"
+        args.stages = args.stages.replace(",hf_compiled", "")
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
-    skip = set(filter(None, args.skip.split(",")))
+    stages = args.stages.split(",")
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    concurrencies, fp8_conc = ints(args.concurrency), ints(args.fp8_concurrency)
-    started = time.time()
+    concurrencies = ints(args.concurrency)
+    in_len, out_len = args.input_len, args.output_len
     checkpoint = build_checkpoint(out / "checkpoint", args.preset, args.tokenizer, args.dtype)
     spec = load_model_spec(checkpoint)
-    report: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-                    "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "parameters": spec.num_parameters,
-                    "dtype": args.dtype, "input_len": args.input_len, "output_len": args.output_len,
-                    "torch": torch.__version__, "stages": {}}
-    rows: list[Row] = []
+    weight_bytes = spec.num_parameters * torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
+    kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
 
-    def stage(name, fn):
-        if name in skip:
-            return None
+    def bound(c: int) -> float:
+        """Output tok/s if every decode step only read the weights and the live KV (mean context) at HBM speed."""
+        step_s = (weight_bytes + c * (in_len + out_len / 2) * kv_per_token) / HBM_BYTES_PER_S
+        return c / step_s
+
+    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+              "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "parameters": spec.num_parameters,
+              "dtype": args.dtype, "input_len": in_len, "output_len": out_len, "torch": torch.__version__,
+              "started": time.time(), "physical_bound_tok_s": {c: bound(c) for c in concurrencies}}
+    try:
+        import transformers
+        import triton
+
+        report.update(transformers=transformers.__version__, triton=triton.__version__)
+    except ImportError:
+        pass
+    suite = Suite(out, report, bound)
+    print(f"{report['device']}: {spec.num_parameters / 1e9:.2f}B params, bound at 1 / 256 streams "
+          f"{bound(1):,.0f} / {bound(256):,.0f} tok/s", flush=True)
+
+    hf = load_hf(checkpoint, args.dtype, args.device) if {"hf_static", "agreement", "hf_compiled"} & set(stages) else None
+    if "hf_static" in stages:
+        suite.stage("hf_static", lambda: hf_static(suite, hf, args.device, ints(args.static_batches), in_len, out_len, False))
+    engine = None
+    if {"engine", "agreement", "profile"} & set(stages):
         t = time.time()
-        try:
-            value = fn()
-            report["stages"][name] = {"seconds": round(time.time() - t, 1), "ok": True}
-            return value
-        except Exception as e:  # noqa: BLE001 - one failed stage must not lose the others' numbers
-            report["stages"][name] = {"seconds": round(time.time() - t, 1), "ok": False, "error": f"{type(e).__name__}: {e}"}
-            print(f"stage {name} failed: {e}", flush=True)
-            return None
-        finally:
-            _free(args.device)
-
-    model = llm_runtime.load_model(str(checkpoint), args.dtype, args.device)
-    rows += stage("static", lambda: static_generate(model, args.device, ints(args.static_batches), args.input_len, args.output_len)) or []
-    rows += stage("direct", lambda: direct_runtime(model, concurrencies, args.input_len, args.output_len, args.page_size,
-                                                    "(b) runtime direct, in-flight batching")) or []
-    if "fp8" not in skip:
-        fp8_model = llm_runtime.load_model(str(checkpoint), args.dtype, args.device, "fp8")
-        report["fp8_logits_delta_vs_bf16"] = stage("fp8_delta", lambda: logits_delta(model, fp8_model, spec.vocab_size, args.device))
-        del model
-        _free(args.device)
-        rows += stage("fp8", lambda: direct_runtime(fp8_model, fp8_conc, args.input_len, args.output_len, args.page_size,
-                                                     "(d) runtime direct, FP8")) or []
-        del fp8_model
-    else:
-        del model
-    _free(args.device)
-    rows += stage("triton", lambda: through_triton(checkpoint, args.device, args.dtype, "none", concurrencies, args.input_len,
-                                                   args.output_len, ["ensemble", "llm_bls"], out)) or []
-    report["rows"] = [dataclasses.asdict(r) for r in rows]
-    report["goals"] = goals(rows, fp8_conc)
-    report["seconds"] = round(time.time() - started, 1)
-    (out / "suite.json").write_text(json.dumps(report, indent=2))
-    with open(out / "suite.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[f.name for f in dataclasses.fields(Row)])
-        writer.writeheader()
-        writer.writerows(report["rows"])
-    if rows:
-        plot(rows, out)
+        engine = suite.stage("engine_start", lambda: LLMEngine(engine_config(checkpoint, args.dtype, args.device,
+                                                                             max(concurrencies), in_len + out_len + 16)))
+        if engine is not None:
+            report["engine"] = {"start_s": round(time.time() - t, 1), "num_blocks": engine.runner.num_blocks,
+                                "cuda_graphs": sorted(engine.runner.graphs)}
+            print(f"  engine ready in {time.time() - t:.1f} s: {engine.runner.num_blocks} KV blocks, graphs {sorted(engine.runner.graphs)}", flush=True)
+    if engine is not None:
+        if "engine" in stages:
+            suite.stage("engine", lambda: engine_direct(suite, engine, concurrencies, in_len, out_len, lambda c: max(4 * c, 16)))
+        if "agreement" in stages:
+            suite.stage("agreement", lambda: agreement(suite, engine, hf, args.device, args.agreement_prompts, in_len, out_len))
+        if "profile" in stages:
+            suite.stage("profile", lambda: profile_decode(suite, engine, [c for c in (64, 256) if c <= max(concurrencies)]
+                                                          or [max(concurrencies)], in_len, out_len, out))
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if "triton" in stages:
+        suite.stage("triton", lambda: through_triton(suite, checkpoint, args.device, args.dtype, ints(args.triton_concurrency),
+                                                     in_len, out_len, ["ensemble", "llm_bls"], out, lambda c: max(2 * c, 16)))
+    left = args.budget_s - (time.time() - report["started"])
+    if "hf_compiled" in stages and hf is not None and left < 150:
+        print(f"== hf_compiled skipped: {left:.0f} s left of --budget-s {args.budget_s}, compiling takes minutes", flush=True)
+        report["stages"]["hf_compiled"] = {"seconds": 0, "ok": False, "error": f"skipped: {left:.0f} s left"}
+    elif "hf_compiled" in stages and hf is not None:
+        suite.stage("hf_compiled", lambda: hf_static(suite, hf, args.device, ints(args.compiled_batches), in_len, out_len, True))
+    suite.save()
+    if suite.rows:
+        plot(suite.rows, out)
     print_table(report)
     return report
-
-
-def goals(rows: list[Row], fp8_conc: list[int]) -> dict:
-    def tps(prefix: str, concurrency: int) -> float | None:
-        values = [r.output_tokens_per_s for r in rows if r.path.startswith(prefix) and r.concurrency == concurrency]
-        return values[0] if values else None
-
-    out = {}
-    base, triton64, direct64 = tps("(a)", 1), tps("(c) Triton ensemble", 64), tps("(b)", 64)
-    if base and triton64:
-        out["triton64_vs_static_bs1"] = {"ratio": triton64 / base, "goal": 10.0, "met": triton64 / base >= 10}
-    if direct64 and triton64:
-        out["triton64_vs_direct64"] = {"ratio": triton64 / direct64, "goal": 0.95, "met": triton64 / direct64 >= 0.95}
-    for c in fp8_conc:
-        fp8, bf16 = tps("(d)", c), tps("(b)", c)
-        if fp8 and bf16:
-            out[f"fp8_vs_bf16_at_{c}"] = {"ratio": fp8 / bf16, "goal": 1.3, "met": fp8 / bf16 >= 1.3}
-    return out
-
-
-def print_table(report: dict) -> None:
-    print(f"\n{report['device']}  {report['parameters'] / 1e9:.2f}B params {report['dtype']}  "
-          f"{report['input_len']} in / {report['output_len']} out  ({report['seconds']} s)")
-    print(f"{'path':46} {'conc':>5} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8}")
-    fmt = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
-    for r in report["rows"]:
-        print(f"{r['path'][:46]:46} {r['concurrency']:>5} {r['output_tokens_per_s']:>9.1f} {fmt(r['ttft_p50_ms']):>9} "
-              f"{fmt(r['ttft_p99_ms']):>9} {fmt(r['itl_p50_ms']):>8}")
-    for name, goal in report["goals"].items():
-        print(f"goal {name}: {goal['ratio']:.2f} (goal {goal['goal']}) {'met' if goal['met'] else 'MISSED'}")
-    for name, s in report["stages"].items():
-        if not s["ok"]:
-            print(f"stage {name} FAILED: {s['error']}")
-    if report.get("fp8_logits_delta_vs_bf16"):
-        print("fp8 vs bf16 logits:", {k: round(v, 4) for k, v in report["fp8_logits_delta_vs_bf16"].items()})
 
 
 if __name__ == "__main__":

@@ -54,6 +54,12 @@ def build_options(f):
                      help="transformers runtime: fp8 runs the Linear layers on FP8 tensor cores (Ada/Hopper)."),
         click.option("--text-env", type=click.Path(path_type=Path), default=None,
                      help="Python environment (EXECUTION_ENV_PATH) for the tokenizer and BLS models."),
+        click.option("--llm-engine", type=click.Choice(["auto", "trtbuild", "transformers"]), default="auto", show_default=True,
+                     help="transformers runtime: trtbuild's own engine (Llama family) or transformers' continuous batching."),
+        click.option("--max-num-tokens", type=int, default=8192, show_default=True,
+                     help="Token budget of one engine step; longer prefills are chunked."),
+        click.option("--enable-kv-cache-reuse/--no-enable-kv-cache-reuse", default=False, show_default=True,
+                     help="Reuse the KV blocks of shared prompt prefixes (prefix caching)."),
     ]
     return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
 
@@ -75,7 +81,10 @@ def spec_from_options(checkpoint: Path, runtime: str, **o):
         max_input_len=o["max_input_len"],
         max_output_len=o["max_output_len"],
         tokenizer_dir=Path(o["tokenizer_dir"]).absolute() if o.get("tokenizer_dir") else None,
-        kv_cache=KVCacheSpec(page_size=o["kv_cache_page_size"], free_gpu_mem_fraction=o["kv_cache_free_gpu_mem_fraction"]),
+        kv_cache=KVCacheSpec(page_size=o["kv_cache_page_size"], free_gpu_mem_fraction=o["kv_cache_free_gpu_mem_fraction"],
+                             enable_reuse=o.get("enable_kv_cache_reuse", False)),
+        llm_engine=o.get("llm_engine", "auto"),
+        max_num_tokens=o.get("max_num_tokens", 8192),
         exclude_input_in_output=o["exclude_input_in_output"],
         text_env=Path(o["text_env"]).absolute() if o.get("text_env") else None,
         quantization=o.get("quantization", "none"),

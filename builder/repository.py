@@ -149,7 +149,12 @@ def plan_llm_repository(spec: BuildSpec, llm_plan: Callable[[BuildSpec], ModelPl
     return [preprocessing, llm, postprocessing, ensemble, bls]
 
 
+RUNTIME_PACKAGE = Path(__file__).resolve().parents[1] / "trtbuild_runtime"
+
+
 def plan_transformers_llm(spec: BuildSpec) -> ModelPlan:
+    """The LLM step; with trtbuild's engine it carries the runtime package, so the repository is self-contained."""
+    choice = spec.engine_choice
     return ModelPlan(
         spec.names.llm,
         "llm_transformers",
@@ -169,9 +174,14 @@ def plan_transformers_llm(spec: BuildSpec) -> ModelPlan:
                 ("kv_cache_free_gpu_mem_fraction", spec.kv_cache.free_gpu_mem_fraction),
                 ("exclude_input_in_output", _bool(spec.exclude_input_in_output)),
                 ("quantization", spec.quantization),
+                ("engine", choice.engine),
+                ("engine_reason", choice.reason),
+                ("max_num_tokens", spec.max_num_tokens),
+                ("enable_kv_cache_reuse", _bool(spec.kv_cache.enable_reuse)),
             ],
         ),
         python_files=("1/model.py", "1/llm_runtime.py"),
+        artifacts={"1/trtbuild_runtime": RUNTIME_PACKAGE} if choice.engine == "trtbuild" else {},
     )
 
 
@@ -450,7 +460,10 @@ def write_repository(rendered: list[RenderedModel], out: Path, manifest: dict[st
             for rel, source in model.plan.artifacts.items():
                 dest = target / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                (shutil.copytree if Path(source).is_dir() else shutil.copy2)(source, dest)
+                if Path(source).is_dir():
+                    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                else:
+                    shutil.copy2(source, dest)
             if not any(p.is_dir() and p.name.isdigit() for p in target.iterdir()):
                 (target / "1").mkdir()
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -469,6 +482,8 @@ def generate(spec: BuildSpec, out: Path, *, force: bool = False) -> Path:
         "models": models,
         "entrypoints": {k: v for k, v in {"ensemble": spec.names.ensemble, "bls": spec.names.bls}.items() if v in models},
     }
+    if spec.runtime == "transformers":
+        manifest["llm_engine"] = dataclasses.asdict(spec.engine_choice)
     inputs = (spec.checkpoint, spec.tokenizer_dir, spec.engine_dir, spec.text_env)
     return write_repository(rendered, out, manifest, inputs=inputs, force=force)
 

@@ -178,6 +178,10 @@ class BuildSpec:
     # run in a numpy<2 environment (EXECUTION_ENV_PATH).
     text_env: Path | None = None
     serving: ServingPolicy = ServingPolicy()  # queues, priorities, batching, cache, rate limiter (builder.serving)
+    # transformers runtime: which engine runs the LLM step. auto: trtbuild_runtime where it supports
+    # the checkpoint (the Llama family, unquantized), transformers' continuous batching otherwise.
+    llm_engine: str = "auto"
+    max_num_tokens: int = 8192  # token budget of one engine step; longer prefills are chunked
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -227,12 +231,53 @@ class BuildSpec:
         if not 0.0 < self.kv_cache.free_gpu_mem_fraction <= 1.0:
             raise TrtbuildError("--kv-cache-free-gpu-mem-fraction must be in (0, 1]")
         positive("kv_cache_page_size", self.kv_cache.page_size)
+        positive("max_num_tokens", self.max_num_tokens)
+        if self.llm_engine not in LLM_ENGINES:
+            raise TrtbuildError(f"--llm-engine {self.llm_engine} is not one of {', '.join(LLM_ENGINES)}")
         self.serving.validate(self.max_batch_size)
+
+    @property
+    def engine_choice(self) -> "EngineChoice":
+        """Which engine the transformers runtime's LLM step runs, and why (recorded in trtbuild.json)."""
+        return choose_llm_engine(self)
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["max_seq_len"] = self.max_seq_len
         return json.loads(json.dumps(data, default=str))
+
+
+LLM_ENGINES = ("auto", "trtbuild", "transformers")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineChoice:
+    engine: str  # trtbuild or transformers
+    reason: str
+
+
+def choose_llm_engine(spec: BuildSpec) -> EngineChoice:
+    """trtbuild_runtime where it can run the build, else transformers' continuous batching."""
+    from trtbuild_runtime.config import UnsupportedModel, check_supported
+
+    if spec.llm_engine == "transformers":
+        return EngineChoice("transformers", "asked for (--llm-engine transformers)")
+    why = None
+    if spec.quantization != "none":
+        why = f"--quantization {spec.quantization} runs on transformers' modules"
+    elif spec.kv_cache.page_size < 16 or spec.kv_cache.page_size & (spec.kv_cache.page_size - 1):
+        why = f"--kv-cache-page-size {spec.kv_cache.page_size} is not a power of two >= 16 (the attention kernel's tile)"
+    else:
+        try:
+            check_supported(spec.checkpoint, spec.max_seq_len)
+        except UnsupportedModel as e:
+            why = f"trtbuild_runtime does not run {e}"
+    if why is None:
+        return EngineChoice("trtbuild", "the Llama family on trtbuild_runtime (paged KV, CUDA graphs, Triton kernels)")
+    if spec.llm_engine == "trtbuild":
+        raise TrtbuildError(f"--llm-engine trtbuild cannot serve {spec.checkpoint}: {why}",
+                            hint="use --llm-engine auto or transformers")
+    return EngineChoice("transformers", why)
 
 
 @dataclasses.dataclass(frozen=True)

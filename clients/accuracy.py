@@ -14,8 +14,8 @@ Metrics:
 - `logprob_delta_mean` / `logprob_delta_max`: |served log-prob - reference log-prob| of each
   generated token before the first divergence, reference log-probs taken from the raw logits.
 
-A server that returns log-probs of its processed distribution (trtbuild's transformers runtime
-does: greedy is top_k=1, so every log-prob is 0, or -log 2 / -log 3 where bf16 logits tie and top-k
+A server that returns log-probs of its processed distribution (transformers' continuous batching,
+trtbuild's fallback engine, does: greedy is top_k=1, so every log-prob is 0, or -log 2 / -log 3 where bf16 logits tie and top-k
 keeps every tied token) would make the delta look large and wrong. When every served log-prob is
 -log n for a whole n (0 included), the delta is reported as unavailable, with the reason.
 """

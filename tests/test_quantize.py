@@ -356,13 +356,6 @@ def test_manifest_detects_changes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ trained model
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> Path:
-    from builder.checkpoint import write_demo_checkpoint
-
-    return write_demo_checkpoint(tmp_path_factory.mktemp("smollm2") / "smollm2", "smollm2")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp8", pytest.param("int4_awq", marks=pytest.mark.very_slow)])
 def test_smollm2_delta_within_tolerance(precision, smollm2, tmp_path):

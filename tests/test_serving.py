@@ -77,13 +77,23 @@ def test_sampling_runs_and_differs_from_greedy(tiny_server, reference):
         ({"beam_width": 2}, "beam_width=2 cannot be honoured"),
         ({"repetition_penalty": 1.2}, "repetition_penalty"),
         ({"num_return_sequences": 2}, "num_return_sequences"),
-        ({"temperature": 0.8, "top_k": 10, "seed": 7}, "seed cannot be honoured"),
+        ({"temperature": -1.0}, "temperature must be >= 0"),  # alone, on an otherwise greedy request
+        ({"top_k": -1}, "runtime_top_k must be >= 0"),
+        ({"top_k": 10**6}, "exceeds the vocabulary"),
+        ({"end_id": -5}, "end_id -5 is outside the vocabulary"),
+        ({"min_tokens": -1}, "min_tokens must be >= 0"),
     ],
 )
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_values_the_runtime_cannot_honour_are_rejected(tiny_server, params, message, protocol):
     with pytest.raises(GenerationError, match=message):
         generate(_url(tiny_server, protocol), PROMPT, 8, protocol=protocol, **params)
+
+
+def test_seeded_sampling_is_reproducible(tiny_server):
+    texts = {generate(tiny_server.grpc_url, PROMPT, 16, temperature=1.0, top_k=20, seed=7).text for _ in range(2)}
+    assert len(texts) == 1
+    assert generate(tiny_server.grpc_url, PROMPT, 16, temperature=1.0, top_k=20, seed=8).text not in texts
 
 
 def test_too_many_tokens_is_a_clear_error(tiny_server):

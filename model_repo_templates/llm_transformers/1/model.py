@@ -1,6 +1,8 @@
-"""The LLM step on Hugging Face transformers continuous batching.
+"""The LLM step: trtbuild_runtime (the Llama family) or Hugging Face transformers continuous batching.
 
-It speaks the tensor interface of NVIDIA's C++ `tensorrt_llm` model (input_ids, input_lengths,
+The `engine` parameter says which, chosen when the repository was generated (trtbuild.json says
+why). Both are driven through the same calls (add_request, cancel_request, get_result), so every
+input below means the same on either. It speaks the tensor interface of NVIDIA's C++ `tensorrt_llm` model (input_ids, input_lengths,
 request_output_len, streaming, runtime_top_k, ... -> output_ids, sequence_length, log-probs), so
 the same preprocessing, postprocessing, ensemble and BLS serve it. Requests join and leave the
 running batch at every step (in-flight batching) and their KV cache lives in fixed-size pages.
@@ -63,14 +65,23 @@ class TritonPythonModel:
         config, p = parameters(args)
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("the transformers LLM step must be decoupled")
+        self.max_batch_size = max(1, int(config.get("max_batch_size", 1)))
         self.max_input_len = int(p["max_input_len"])
         self.max_output_len = int(p["max_output_len"])
         self.max_seq_len = self.max_input_len + self.max_output_len
         self.exclude_input_default = p["exclude_input_in_output"].lower() == "true"
         self.tokenizer = load_tokenizer(p["tokenizer_dir"])
         self.default_end_id = self.tokenizer.eos_token_id
-        self.model = runtime.load_model(p["checkpoint_dir"], p["dtype"], p["device"], p.get("quantization", "none"))
-        self.vocab_size = self.model.config.vocab_size
+        self.engine = p.get("engine", "transformers")
+        self.params = p
+        pb_utils.Logger.log_info(f"LLM engine: {self.engine} ({p.get('engine_reason', '')})")
+        if self.engine == "trtbuild":
+            from trtbuild_runtime.config import read_hf_config
+
+            self.vocab_size = int(read_hf_config(p["checkpoint_dir"])["vocab_size"])
+        else:
+            self.model = runtime.load_model(p["checkpoint_dir"], p["dtype"], p["device"], p.get("quantization", "none"))
+            self.vocab_size = self.model.config.vocab_size
         self.cb_options = dict(
             eos_token_id=self.default_end_id, pad_token_id=self.tokenizer.pad_token_id,
             max_input_len=self.max_input_len, max_output_len=self.max_output_len,
@@ -85,20 +96,49 @@ class TritonPythonModel:
         self.dispatcher.start()
 
     def _start_manager(self):
+        if self.engine == "trtbuild":
+            self.manager = self._start_trtbuild_engine()
+            self.per_request_sampling = True
+            return
         self.manager, self.per_request_sampling, dropped = runtime.continuous_batching(self.model, **self.cb_options)
         if dropped:
             pb_utils.Logger.log_warn(f"ContinuousBatchingConfig of this transformers version ignores {dropped}")
 
+    def _start_trtbuild_engine(self):
+        from trtbuild_runtime import EngineConfig, EngineLoop, LLMEngine
+
+        p, o = self.params, self.cb_options
+        device = runtime.resolve_device(p["device"])
+        config = EngineConfig(
+            model=p["checkpoint_dir"], dtype=p["dtype"], device=device, max_num_seqs=self.max_batch_size,
+            max_num_batched_tokens=int(p.get("max_num_tokens", 8192)), max_model_len=self.max_seq_len,
+            page_size=o["page_size"], num_blocks=o["num_blocks"] if device == "cpu" else None,
+            gpu_memory_fraction=o["free_gpu_mem_fraction"],
+            enable_prefix_caching=p.get("enable_kv_cache_reuse", "false").lower() == "true",
+        )
+        engine = LLMEngine(config)
+        pb_utils.Logger.log_info(f"trtbuild_runtime: {engine.runner.num_blocks} KV blocks of {config.page_size} tokens on "
+                                 f"{engine.runner.device} ({engine.runner.dtype}), CUDA graphs for {sorted(engine.runner.graphs)}")
+        return EngineLoop(engine).start()
+
     def _manager_failed(self):
+        if self.engine == "trtbuild":
+            return not self.manager.is_running()
         status = getattr(self.manager, "background_thread_status", None)
         return not self.manager.is_running() or getattr(status, "fatal_error", None) is not None
+
+    def _restart_manager(self):
+        if self.engine == "trtbuild":
+            self.manager.stop(block=True, timeout=10)
+        else:
+            self.model.destroy_cached_continuous_batching_manager()
+        self._start_manager()
 
     # ---------------------------------------------------------------- requests in
     def execute(self, requests):
         if self._manager_failed():
             self._fail_all("the generation loop stopped; restarting it")
-            self.model.destroy_cached_continuous_batching_manager()
-            self._start_manager()
+            self._restart_manager()
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -117,6 +157,13 @@ class TritonPythonModel:
             if value is not None and value not in neutral:
                 raise ValueError(f"{name}={value} cannot be honoured: {why}")
         prompt = ids[0, : int(lengths[0])].astype(np.int64).tolist()
+        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+        if not prompt:
+            raise ValueError("the prompt is empty (input_lengths 0)")
+        if scalar(request, "request_output_len") is None:
+            raise ValueError("request_output_len (max_tokens) is required")
         max_tokens = int(scalar(request, "request_output_len"))
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
@@ -128,12 +175,14 @@ class TritonPythonModel:
         if words_list(optional(request, "bad_words_list")):
             raise ValueError("bad_words cannot be honoured by the transformers runtime")
         end_id = int(scalar(request, "end_id", self.default_end_id))
+        if not 0 <= end_id < self.vocab_size:
+            raise ValueError(f"end_id {end_id} is outside the vocabulary [0, {self.vocab_size})")
         min_tokens = int(scalar(request, "min_tokens", 0))
-        if min_tokens >= max_tokens:
-            end_id = -1  # every request generates exactly max_tokens: the benchmark setting
-        elif min_tokens > 0:
-            raise ValueError("min_tokens must be 0 or >= max_tokens with the transformers runtime")
-        sampling = self._sampling(request)
+        if min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
+        values = {k: scalar(request, n) for k, n in (("temperature", "temperature"), ("top_k", "runtime_top_k"),
+                                                      ("top_p", "runtime_top_p"), ("seed", "seed"))}
+        runtime.check_sampling(self.vocab_size, **values)
         request_id = uuid.uuid4().hex
         state = _State(
             sender, request, prompt,
@@ -142,18 +191,32 @@ class TritonPythonModel:
             return_log_probs=bool(scalar(request, "return_log_probs", False)),
             stop_words=words_list(optional(request, "stop_words_list")),
         )
+        if self.engine == "trtbuild":
+            from trtbuild_runtime import SamplingParams
+
+            params = SamplingParams(max_tokens=max_tokens, min_tokens=min_tokens, end_ids=(end_id,),
+                                    logprobs=state.return_log_probs, **runtime.engine_sampling(**values))
+            with self.lock:
+                self.active[request_id] = state
+            try:
+                self.manager.add_request(request_id, prompt, params)  # validated here: a bad request never joins
+            except ValueError:
+                self._finish(request_id, state)
+                raise
+            return
+        if min_tokens >= max_tokens:
+            end_id = -1  # every request generates exactly max_tokens: the benchmark setting
+        elif min_tokens > 0:
+            raise ValueError("min_tokens must be 0 or >= max_tokens with the transformers engine")
+        seed = values.pop("seed")
+        sampling = runtime.sampling_kwargs(self.per_request_sampling, self.vocab_size, **values)
+        if sampling.get("top_k", 1) != 1 and seed is not None:
+            raise ValueError("seed cannot be honoured for sampled requests by the transformers engine: it shares one generator")
         with self.lock:
             self.active[request_id] = state
         self.manager.add_request(
             prompt, request_id=request_id, max_new_tokens=max_tokens, streaming=True, eos_token_id=end_id, **sampling
         )
-
-    def _sampling(self, request):
-        values = {k: scalar(request, n) for k, n in (("temperature", "temperature"), ("top_k", "runtime_top_k"), ("top_p", "runtime_top_p"))}
-        kwargs = runtime.sampling_kwargs(self.per_request_sampling, self.vocab_size, **values)
-        if kwargs.get("top_k", 1) != 1 and scalar(request, "seed") is not None:
-            raise ValueError("seed cannot be honoured for sampled requests: continuous batching shares one generator")
-        return kwargs
 
     # ---------------------------------------------------------------- results out
     def _dispatch(self):

@@ -1,0 +1,123 @@
+"""Attention over the paged KV pool, and what a step tells every layer about where tokens live.
+
+The pool of one layer is K and V of shape [num_blocks + 1, page_size, kv_heads, head_dim]; block
+`num_blocks` is a scratch block that padded rows of a CUDA graph write into. A step's tokens are
+flat ([tokens, heads, head_dim]); `slot_mapping` says where each token's K and V go.
+
+Three ways to attend, chosen per step:
+- a prefill of prompts that start at position 0 (nothing cached): the prompts are padded into one
+  batch and run through SDPA with `is_causal` (the flash path on CUDA), never touching the pool;
+- a prefill that continues a sequence (a chunk of a long prompt, a prefix taken from the cache):
+  the context is gathered from the pool and masked (`paged_attention_reference`);
+- a decode step (one token per sequence): the Triton kernel on CUDA, the same reference on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class StepContext:
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [tokens] int64: block * page_size + offset
+    context_lens: torch.Tensor | None = None  # [seqs] int32: tokens with KV after this step
+    block_tables: torch.Tensor | None = None  # [seqs, max_blocks] int32
+    query_starts: torch.Tensor | None = None  # [seqs] int64: position of each sequence's first query (paged prefill)
+    # prefill
+    fresh: bool = False  # every sequence starts at position 0: plain causal attention
+    num_seqs: int = 0
+    max_query_len: int = 0
+    pad_index: torch.Tensor | None = None  # [tokens] int64 into [num_seqs * max_query_len]; None: no padding needed
+
+
+_context: StepContext | None = None
+
+
+def set_context(context: StepContext | None) -> None:
+    global _context
+    _context = context
+
+
+def get_context() -> StepContext:
+    assert _context is not None, "attention ran outside a step"
+    return _context
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    blocks, page, heads, dim = k_cache.shape
+    k_cache.view(blocks * page, heads, dim).index_copy_(0, slots, k)
+    v_cache.view(blocks * page, heads, dim).index_copy_(0, slots, v)
+
+
+def _pad(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """[tokens, H, D] -> [seqs, max_query_len, H, D] (right-padded)."""
+    if ctx.pad_index is None:
+        return x.view(ctx.num_seqs, ctx.max_query_len, *x.shape[1:])
+    padded = x.new_zeros(ctx.num_seqs * ctx.max_query_len, *x.shape[1:])
+    padded.index_copy_(0, ctx.pad_index, x)
+    return padded.view(ctx.num_seqs, ctx.max_query_len, *x.shape[1:])
+
+
+def _unpad(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    flat = x.reshape(ctx.num_seqs * ctx.max_query_len, *x.shape[2:])
+    return flat if ctx.pad_index is None else flat.index_select(0, ctx.pad_index)
+
+
+def causal_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext, scale: float) -> torch.Tensor:
+    """Prompts from position 0: right padding is harmless under a causal mask (padding only follows)."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    qp, kp, vp = (_pad(t, ctx).transpose(1, 2) for t in (q, k, v))
+    if heads != kv_heads:
+        kp, vp = kp.repeat_interleave(heads // kv_heads, dim=1), vp.repeat_interleave(heads // kv_heads, dim=1)
+    out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale)
+    return _unpad(out.transpose(1, 2), ctx)
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                              context_lens: torch.Tensor, query_starts: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [seqs, queries, H, D] at positions query_starts + i, against each sequence's pooled context.
+
+    Query i of a sequence sees keys 0 .. query_starts + i (causal) and none at or past its context length.
+    """
+    seqs, queries, heads, dim = q.shape
+    page, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    keys = k_cache[block_tables.long()].reshape(seqs, -1, kv_heads, dim).transpose(1, 2)
+    values = v_cache[block_tables.long()].reshape(seqs, -1, kv_heads, dim).transpose(1, 2)
+    if heads != kv_heads:
+        keys, values = keys.repeat_interleave(heads // kv_heads, 1), values.repeat_interleave(heads // kv_heads, 1)
+    key_pos = torch.arange(keys.shape[2], device=q.device)
+    query_pos = query_starts.view(-1, 1) + torch.arange(queries, device=q.device)
+    mask = (key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)) & (key_pos.view(1, 1, -1) < context_lens.view(-1, 1, 1))
+    mask[:, :, 0] |= ~mask.any(-1)  # rows with no key at all (padding) attend to key 0 instead of producing NaN
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask.unsqueeze(1), scale=scale)
+    return out.transpose(1, 2)
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: StepContext, scale: float) -> torch.Tensor:
+    out = paged_attention_reference(_pad(q, ctx), k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_starts, scale)
+    return _unpad(out, ctx)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: StepContext, scale: float) -> torch.Tensor:
+    """One query per sequence: q [seqs, H, D]."""
+    if q.is_cuda:
+        from trtbuild_runtime.kernels import paged_decode_attention
+
+        return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
+    starts = (ctx.context_lens - 1).clamp(min=0).long()
+    return paged_attention_reference(q.unsqueeze(1), k_cache, v_cache, ctx.block_tables, ctx.context_lens, starts, scale).squeeze(1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """Store this step's K/V in the pool and attend; q/k/v are [tokens, heads, head_dim]."""
+    ctx = get_context()
+    store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
+    if not ctx.is_prefill:
+        return paged_decode(q, k_cache, v_cache, ctx, scale)
+    if ctx.fresh:
+        return causal_prefill(q, k, v, ctx, scale)
+    return paged_prefill(q, k_cache, v_cache, ctx, scale)

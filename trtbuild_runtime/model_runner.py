@@ -1,0 +1,254 @@
+"""Tensors in, tokens out: the KV pool, a step's inputs, CUDA graphs for decode, and sampling.
+
+The pool is sized once, at start: on CUDA from the memory left free after the weights and a
+warm-up prefill at the full token budget (times `gpu_memory_fraction`); on CPU for `max_num_seqs`
+full-length sequences, refused with the numbers if that exceeds the machine's available RAM.
+
+Decode steps replay CUDA graphs captured at bucketed batch sizes (1, 2, 4, 8, 16, 24, 32, ...):
+the step's inputs are copied into static buffers, padded rows write their K/V into the scratch
+block and read nothing. The host waits for the device once per step, for the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+
+import numpy as np
+import torch
+
+from trtbuild_runtime import attention
+from trtbuild_runtime.config import EngineConfig
+from trtbuild_runtime.models import load_model
+from trtbuild_runtime.sampler import SamplingTensors, sample
+from trtbuild_runtime.scheduler import Batch
+
+log = logging.getLogger("trtbuild_runtime")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class OutOfMemory(ValueError):
+    """The KV pool the configuration asks for does not fit the device; the message has the numbers."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, hf_config: dict, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
+        if device.type == "cpu" and dtype in ("float16", "bfloat16"):
+            dtype = "float32"  # half precision matmuls are slow on most CPUs
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or auto, got {dtype}")
+    return DTYPES[dtype]
+
+
+def available_ram() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 1, 16 if max_num_seqs <= 128 else 32))
+    return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config: dict):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        torch.manual_seed(config.seed)
+        self.model = load_model(config.model, self.dtype, self.device, config.max_model_len)
+        self.vocab_size = self.model.vocab_size
+        first = self.model.layers[0].attn
+        self.kv_heads, self.head_dim, self.num_layers = first.kv_heads, first.head_dim, len(self.model.layers)
+        self.page = config.page_size
+        self.num_blocks = self._size_pool()
+        shape = (self.num_layers, 2, self.num_blocks + 1, self.page, self.kv_heads, self.head_dim)
+        self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.layers):
+            layer.attn.k_cache, layer.attn.v_cache = self.kv[i, 0], self.kv[i, 1]
+        self.trash_slot = self.num_blocks * self.page
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture()
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def block_bytes(self) -> int:
+        return 2 * self.num_layers * self.page * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    def _size_pool(self) -> int:
+        c = self.config
+        wanted = c.num_blocks
+        if self.device.type == "cuda":
+            self._warm_up()
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * c.gpu_memory_fraction)
+            fits = budget // self.block_bytes
+            if wanted is None:
+                wanted = fits
+            where = f"{free / 2**30:.1f} GiB free on {torch.cuda.get_device_name(self.device)} x {c.gpu_memory_fraction}"
+        else:
+            if wanted is None:
+                wanted = c.max_num_seqs * c.max_blocks_per_seq
+            fits = int(available_ram() * 0.8) // self.block_bytes
+            where = f"{available_ram() / 2**30:.1f} GiB RAM available (80% usable)"
+        if wanted > fits:
+            raise OutOfMemory(f"the KV cache needs {wanted} blocks of {self.page} tokens ({wanted * self.block_bytes / 2**30:.2f} GiB) "
+                              f"but {where} holds {fits}: lower max_batch_size or max_input_len + max_output_len")
+        if wanted < c.max_blocks_per_seq:
+            raise OutOfMemory(f"the KV cache holds {wanted} blocks of {self.page} tokens, fewer than one sequence of "
+                              f"max_model_len {c.max_model_len} needs ({c.max_blocks_per_seq})")
+        log.info("KV cache: %d blocks x %d tokens (%.2f GiB, %s)", wanted, self.page, wanted * self.block_bytes / 2**30, where)
+        return wanted
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """One prefill at the full token budget, so the pool leaves room for its activations."""
+        tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len * self.config.max_num_seqs)
+        length = min(tokens, self.config.max_model_len)
+        seqs = max(1, tokens // length)
+        ids = torch.zeros(seqs * length, dtype=torch.long, device=self.device)
+        positions = torch.arange(length, device=self.device).repeat(seqs)
+        scratch = torch.zeros(2, 1, self.page, self.kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
+        for layer in self.model.layers:
+            layer.attn.k_cache, layer.attn.v_cache = scratch[0], scratch[1]
+        attention.set_context(attention.StepContext(True, torch.zeros_like(ids), fresh=True, num_seqs=seqs, max_query_len=length))
+        hidden = self.model(ids, positions)
+        self.model.logits(hidden[-seqs:])
+        attention.set_context(None)
+        del hidden, scratch
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ steps
+    def _tensor(self, values, dtype) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=dtype).to(self.device)
+
+    def _block_tables(self, seqs, rows: int | None = None) -> np.ndarray:
+        width = max(len(s.block_table) for s in seqs)
+        table = np.zeros((rows or len(seqs), width), dtype=np.int32)
+        for i, s in enumerate(seqs):
+            table[i, : len(s.block_table)] = s.block_table
+        return table
+
+    def _slots(self, seq, start: int, end: int) -> list[int]:
+        page, table = self.page, seq.block_table
+        return [table[p // page] * page + p % page for p in range(start, end)]
+
+    def _prepare_prefill(self, batch: Batch):
+        ids, positions, slots, pad_index, sample_rows = [], [], [], [], []
+        lengths = batch.num_tokens
+        longest = max(lengths)
+        fresh = all(s.num_computed == 0 for s in batch.seqs)
+        for i, (seq, n) in enumerate(zip(batch.seqs, lengths)):
+            start = seq.num_computed
+            ids.extend(seq.tokens[start:start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(self._slots(seq, start, start + n))
+            pad_index.extend(range(i * longest, i * longest + n))
+            if batch.samples(i):
+                sample_rows.append(len(ids) - 1)
+        needs_pad = any(n != longest for n in lengths)
+        ctx = attention.StepContext(
+            is_prefill=True, slot_mapping=self._tensor(slots, torch.long), fresh=fresh, num_seqs=len(lengths),
+            max_query_len=longest, pad_index=self._tensor(pad_index, torch.long) if needs_pad else None)
+        if not fresh:
+            ctx.block_tables = self._tensor(self._block_tables(batch.seqs), torch.int32)
+            ctx.context_lens = self._tensor([s.num_computed + n for s, n in zip(batch.seqs, lengths)], torch.int32)
+            ctx.query_starts = self._tensor([s.num_computed for s in batch.seqs], torch.long)
+        return self._tensor(ids, torch.long), self._tensor(positions, torch.long), ctx, sample_rows
+
+    def _prepare_decode(self, batch: Batch, rows: int):
+        seqs = batch.seqs
+        ids = np.zeros(rows, dtype=np.int64)
+        positions = np.zeros(rows, dtype=np.int64)
+        slots = np.full(rows, self.trash_slot, dtype=np.int64)
+        lens = np.zeros(rows, dtype=np.int32)
+        page = self.page
+        for i, s in enumerate(seqs):
+            p = len(s.tokens) - 1
+            ids[i], positions[i], lens[i] = s.tokens[-1], p, p + 1
+            slots[i] = s.block_table[p // page] * page + p % page
+        return ids, positions, slots, lens, self._block_tables(seqs, rows)
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> tuple[list[int], list[float] | None]:
+        """Run one step; tokens (and log-probs) for the sequences that sample, in batch order."""
+        sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        if batch.is_prefill:
+            ids, positions, ctx, rows = self._prepare_prefill(batch)
+            attention.set_context(ctx)
+            hidden = self.model(ids, positions)
+            logits = self.model.logits(hidden[self._tensor(rows, torch.long)]) if rows else None
+        else:
+            logits = self._decode(batch)
+        attention.set_context(None)
+        if not sampling_seqs:
+            return [], None
+        tokens, logprobs = sample(logits, SamplingTensors.build(sampling_seqs, self.vocab_size, self.device), sampling_seqs)
+        if logprobs is None:
+            return tokens.tolist(), None
+        both = torch.stack((tokens.double(), logprobs.double())).tolist()  # one transfer for both
+        return [int(t) for t in both[0]], both[1]
+
+    def _decode(self, batch: Batch) -> torch.Tensor:
+        n = len(batch.seqs)
+        size = self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)] if self.graphs and n <= self.graph_sizes[-1] else None
+        ids, positions, slots, lens, tables = self._prepare_decode(batch, size or n)
+        if size is None:
+            ctx = attention.StepContext(False, self._tensor(slots, torch.long), context_lens=self._tensor(lens, torch.int32),
+                                        block_tables=self._tensor(tables, torch.int32))
+            attention.set_context(ctx)
+            return self.model.logits(self.model(self._tensor(ids, torch.long), self._tensor(positions, torch.long)))
+        b = self.buffers
+        width = tables.shape[1]
+        b["ids"][:size].copy_(torch.from_numpy(ids), non_blocking=True)
+        b["positions"][:size].copy_(torch.from_numpy(positions), non_blocking=True)
+        b["slots"][:size].copy_(torch.from_numpy(slots), non_blocking=True)
+        b["lens"][:size].copy_(torch.from_numpy(lens), non_blocking=True)
+        b["tables"][:size, :width].copy_(torch.from_numpy(tables), non_blocking=True)
+        self.graphs[size].replay()
+        return b["logits"][:n]
+
+    # ------------------------------------------------------------------ CUDA graphs
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        c = self.config
+        self.graph_sizes = capture_sizes(c.max_num_seqs)
+        top = self.graph_sizes[-1]
+        d = self.device
+        b = self.buffers = {
+            "ids": torch.zeros(top, dtype=torch.long, device=d),
+            "positions": torch.zeros(top, dtype=torch.long, device=d),
+            "slots": torch.full((top,), self.trash_slot, dtype=torch.long, device=d),
+            "lens": torch.zeros(top, dtype=torch.int32, device=d),
+            "tables": torch.zeros(top, c.max_blocks_per_seq, dtype=torch.int32, device=d),
+        }
+        b["logits"] = torch.zeros(top, self.vocab_size, dtype=self.dtype, device=d)
+        pool = None
+        for size in reversed(self.graph_sizes):
+            ctx = attention.StepContext(False, b["slots"][:size], context_lens=b["lens"][:size], block_tables=b["tables"][:size])
+            attention.set_context(ctx)
+            for _ in range(2):  # compile the kernels outside the capture
+                b["logits"][:size] = self.model.logits(self.model(b["ids"][:size], b["positions"][:size]))
+            torch.cuda.synchronize(d)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                b["logits"][:size] = self.model.logits(self.model(b["ids"][:size], b["positions"][:size]))
+            pool = graph.pool()
+            self.graphs[size] = graph
+        attention.set_context(None)
+        torch.cuda.synchronize(d)
+        log.info("captured decode CUDA graphs for batch sizes %s", self.graph_sizes)

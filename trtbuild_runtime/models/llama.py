@@ -1,0 +1,200 @@
+"""The Llama family on the paged KV pool, numerically the same as transformers' modelling code.
+
+Q, K and V are one matmul, gate and up another. Normalisation and rotary embedding follow
+transformers' own formulas (RMSNorm in float32, cos/sin from its `LlamaRotaryEmbedding`, which
+knows every rope type), so greedy outputs match `generate` token for token in float32.
+Qwen2 adds biases to Q/K/V, Qwen3 normalises Q and K per head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from trtbuild_runtime.attention import attend
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [tokens, heads, dim]; cos/sin [tokens, dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: dict, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.heads = c["num_attention_heads"]
+        self.kv_heads = c.get("num_key_value_heads") or self.heads
+        self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
+        self.q_size, self.kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.qkv = nn.Linear(c["hidden_size"], self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o = nn.Linear(self.q_size, c["hidden_size"], bias=bool(c.get("attention_bias", False)))
+        self.q_norm = RMSNorm(self.head_dim, c["rms_norm_eps"]) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, c["rms_norm_eps"]) if qk_norm else None
+        self.scale = self.head_dim ** -0.5
+        self.k_cache = self.v_cache = None  # views into the runner's pool
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(-1, self.heads, self.head_dim)
+        k = k.view(-1, self.kv_heads, self.head_dim)
+        v = v.view(-1, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        out = attend(q, k, v, self.k_cache, self.v_cache, self.scale)
+        return self.o(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        self.inter = c["intermediate_size"]
+        self.gate_up = nn.Linear(c["hidden_size"], 2 * self.inter, bias=False)
+        self.down = nn.Linear(self.inter, c["hidden_size"], bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.inter, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: dict, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.attn = Attention(c, qkv_bias, qk_norm)
+        self.mlp = MLP(c)
+        self.input_norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.post_attn_norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        model_type = c["model_type"]
+        qkv_bias = model_type == "qwen2" or bool(c.get("attention_bias", False))
+        qk_norm = model_type == "qwen3"
+        self.config = c
+        self.vocab_size = c["vocab_size"]
+        self.embed = nn.Embedding(c["vocab_size"], c["hidden_size"])
+        self.layers = nn.ModuleList(DecoderLayer(c, qkv_bias, qk_norm) for _ in range(c["num_hidden_layers"]))
+        self.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.tied = bool(c.get("tie_word_embeddings", False))
+        self.lm_head = None if self.tied else nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states [tokens, hidden] of a flat step; attention reads the step's context."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.embed.weight if self.tied else self.lm_head.weight)
+
+    def set_rope(self, hf_config, max_positions: int) -> None:
+        """cos/sin for every position, computed as transformers computes them."""
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        rope = LlamaRotaryEmbedding(hf_config)
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = positions[:, None] * rope.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype, device = self.embed.weight.dtype, self.embed.weight.device
+        self.cos = (emb.cos() * rope.attention_scaling).to(dtype).to(device)
+        self.sin = (emb.sin() * rope.attention_scaling).to(dtype).to(device)
+
+
+# checkpoint name -> (our parameter, which slice of a merged matrix: (index, sizes attribute))
+def _target(model: LlamaForCausalLM, name: str):
+    """(parameter, slice index into the merged weight or None) for one checkpoint tensor."""
+    parts = name.removeprefix("model.").split(".")
+    if parts[0] == "embed_tokens":
+        return model.embed.weight, None
+    if parts[0] == "norm":
+        return model.norm.weight, None
+    if parts[0] == "lm_head":
+        return (None, None) if model.tied else (model.lm_head.weight, None)
+    if parts[0] != "layers":
+        return None, None
+    layer = model.layers[int(parts[1])]
+    module, leaf, kind = parts[2], parts[3], parts[-1]
+    if module == "self_attn":
+        a = layer.attn
+        if leaf in ("q_proj", "k_proj", "v_proj"):
+            start = {"q_proj": 0, "k_proj": a.q_size, "v_proj": a.q_size + a.kv_size}[leaf]
+            size = a.q_size if leaf == "q_proj" else a.kv_size
+            return getattr(a.qkv, kind), slice(start, start + size)
+        if leaf == "o_proj":
+            return getattr(a.o, kind), None
+        if leaf in ("q_norm", "k_norm"):
+            return getattr(a, leaf).weight, None
+    if module == "mlp":
+        m = layer.mlp
+        if leaf == "gate_proj":
+            return m.gate_up.weight, slice(0, m.inter)
+        if leaf == "up_proj":
+            return m.gate_up.weight, slice(m.inter, 2 * m.inter)
+        if leaf == "down_proj":
+            return m.down.weight, None
+    if module == "input_layernorm":
+        return layer.input_norm.weight, None
+    if module == "post_attention_layernorm":
+        return layer.post_attn_norm.weight, None
+    return None, None
+
+
+def load_model(checkpoint: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+    """Build the network without allocating twice and fill it straight from the safetensors files."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    checkpoint = Path(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    expected = {id(p): n for n, p in model.named_parameters()}
+    filled: set[int] = set()
+    with torch.no_grad():
+        for file in sorted(checkpoint.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    param, part = _target(model, name)
+                    if param is None:
+                        continue
+                    tensor = f.get_tensor(name)
+                    target = param if part is None else param[part]
+                    if target.shape != tensor.shape:
+                        raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, the config says {tuple(target.shape)}")
+                    target.copy_(tensor)
+                    filled.add(id(param))
+    missing = [n for i, n in expected.items() if i not in filled]
+    if missing:
+        raise ValueError(f"{checkpoint}: the safetensors files lack {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    model.set_rope(AutoConfig.from_pretrained(checkpoint), max_positions)
+    return model.eval()
