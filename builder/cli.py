@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -60,6 +62,10 @@ def build_options(f):
                      help="Token budget of one engine step; longer prefills are chunked."),
         click.option("--enable-kv-cache-reuse/--no-enable-kv-cache-reuse", default=False, show_default=True,
                      help="Reuse the KV blocks of shared prompt prefixes (prefix caching)."),
+        click.option("--stream-interval-ms", type=float, default=0.0, show_default=True,
+                     help="Streaming: at most one response per stream this often; tokens in between go together (0: no wait)."),
+        click.option("--stream-max-tokens", type=int, default=0, show_default=True,
+                     help="Streaming: at most this many tokens per response (0: all that accumulated; 1: one token each)."),
     ]
     return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
 
@@ -85,6 +91,8 @@ def spec_from_options(checkpoint: Path, runtime: str, **o):
                              enable_reuse=o.get("enable_kv_cache_reuse", False)),
         llm_engine=o.get("llm_engine", "auto"),
         max_num_tokens=o.get("max_num_tokens", 8192),
+        stream_interval_ms=o.get("stream_interval_ms", 0.0),
+        stream_max_tokens=o.get("stream_max_tokens", 0),
         exclude_input_in_output=o["exclude_input_in_output"],
         text_env=Path(o["text_env"]).absolute() if o.get("text_env") else None,
         quantization=o.get("quantization", "none"),
@@ -161,19 +169,34 @@ def serve(repository: Path, http_port: int, grpc_port: int, metrics_port: int, b
     install = TritonInstall.from_binary(binary) if binary else None
     options = ServerOptions(http_port, grpc_port, metrics_port, response_cache_bytes=response_cache_bytes, rate_limit=rate_limit)
     server = TritonServer(repository, options, install=install)
-    with console.status("starting tritonserver") as status:
-        server.start(timeout=timeout, progress=lambda s: status.update(f"starting tritonserver ({s:.0f} s)"))
-    console.print(
-        f"[green]ready[/]: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  log {server.log_path}"
-    )
     try:
-        while server.process.poll() is None:
-            time.sleep(0.5)
-        raise TrtbuildError(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
+        with _signals_interrupt():
+            with console.status("starting tritonserver") as status:
+                server.start(timeout=timeout, progress=lambda s: status.update(f"starting tritonserver ({s:.0f} s)"))
+            console.print(
+                f"[green]ready[/]: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  log {server.log_path}"
+            )
+            while server.process.poll() is None:
+                time.sleep(0.5)
+            raise TrtbuildError(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
     except KeyboardInterrupt:
         console.print("stopping tritonserver")
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """SIGTERM (`timeout`, `kill`, Kubernetes) and SIGHUP (a closed terminal) stop the server as Ctrl-C does."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @main.command("generate")

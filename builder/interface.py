@@ -106,6 +106,24 @@ LLM_OUTPUTS: tuple[Tensor, ...] = (
     _t("sequence_index", "INT32", (1,), optional=False),
 )
 
+# --- the transformers runtime's LLM step also answers text, as Triton's vLLM model does ---------
+# (one model, one hop for streaming clients): either input_ids + input_lengths or text_input, and
+# the ensemble's names where they differ from the LLM's (max_tokens, stream, top_k, top_p, words).
+TEXT_INPUTS: tuple[Tensor, ...] = (
+    _t("text_input", "STRING", (1,)),
+    _t("max_tokens", "INT32", reshape=()),
+    _t("stream", "BOOL", reshape=()),
+    _t("top_k", "INT32", reshape=()),
+    _t("top_p", "FP32", reshape=()),
+    _t("stop_words", "STRING", (-1,)),
+    _t("bad_words", "STRING", (-1,)),
+)
+TEXT_LLM_INPUTS: tuple[Tensor, ...] = tuple(
+    dataclasses.replace(t, optional=True) if t.name in ("input_ids", "input_lengths", "request_output_len") else t
+    for t in LLM_INPUTS
+) + TEXT_INPUTS
+TEXT_LLM_OUTPUTS: tuple[Tensor, ...] = (_t("text_output", "STRING", (-1,), optional=False),) + LLM_OUTPUTS
+
 # --- pre/post-processing -----------------------------------------------------------------------
 PREPROCESSING_INPUTS: tuple[Tensor, ...] = (
     _t("QUERY", "STRING", (1,), optional=False),

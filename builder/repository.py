@@ -136,9 +136,9 @@ def plan_llm_repository(spec: BuildSpec, llm_plan: Callable[[BuildSpec], ModelPl
             parameters=[
                 ("preprocessing_model", names.preprocessing),
                 ("llm_model", names.llm),
-                ("postprocessing_model", names.postprocessing),
                 ("llm_input_map", json.dumps(dict(interface.DIRECT_TO_LLM))),
-                ("accumulate_tokens", "true"),
+                ("tokenizer_dir", tokenizer),
+                ("skip_special_tokens", _bool(spec.skip_special_tokens)),
                 ("max_inflight", spec.max_batch_size * 2),
                 *text_env,
             ],
@@ -160,8 +160,8 @@ def plan_transformers_llm(spec: BuildSpec) -> ModelPlan:
         "llm_transformers",
         dict(
             spec=spec,
-            inputs=interface.LLM_INPUTS,
-            outputs=interface.LLM_OUTPUTS,
+            inputs=interface.TEXT_LLM_INPUTS,
+            outputs=interface.TEXT_LLM_OUTPUTS,
             parameters=[
                 ("checkpoint_dir", str(spec.checkpoint.absolute())),
                 ("tokenizer_dir", str(spec.tokenizer.absolute())),
@@ -177,6 +177,10 @@ def plan_transformers_llm(spec: BuildSpec) -> ModelPlan:
                 ("engine", choice.engine),
                 ("engine_reason", choice.reason),
                 ("max_num_tokens", spec.max_num_tokens),
+                ("stream_interval_ms", spec.stream_interval_ms),
+                ("stream_max_tokens", spec.stream_max_tokens),
+                ("add_special_tokens", _bool(spec.add_special_tokens)),
+                ("skip_special_tokens", _bool(spec.skip_special_tokens)),
                 ("enable_kv_cache_reuse", _bool(spec.kv_cache.enable_reuse)),
             ],
         ),
@@ -484,6 +488,7 @@ def generate(spec: BuildSpec, out: Path, *, force: bool = False) -> Path:
     }
     if spec.runtime == "transformers":
         manifest["llm_engine"] = dataclasses.asdict(spec.engine_choice)
+        manifest["entrypoints"]["text"] = spec.names.llm  # text_input -> text_output in one model
     inputs = (spec.checkpoint, spec.tokenizer_dir, spec.engine_dir, spec.text_env)
     return write_repository(rendered, out, manifest, inputs=inputs, force=force)
 

@@ -35,6 +35,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (a bind test, as tritonserver's own would fail)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: its own process group (so stop() reaches the Python stubs) and
+    SIGTERM when the trtbuild process that started it dies, even by SIGKILL (Linux PR_SET_PDEATHSIG)."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 @dataclasses.dataclass(frozen=True)
 class TritonInstall:
     """Where the server binary, the Python backend and its libraries live."""
@@ -136,6 +159,13 @@ class ServerOptions:
         )
 
 
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class TritonServer:
     """A tritonserver process serving one model repository; use as a context manager."""
 
@@ -204,10 +234,23 @@ class TritonServer:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         return env
 
+    def check_ports(self) -> None:
+        """Refuse ports that something else holds: a leftover server there would answer our readiness check."""
+        o = self.options
+        taken = [f"{name} {port}" for name, port in (("HTTP", o.http_port), ("gRPC", o.grpc_port), ("metrics", o.metrics_port))
+                 if port_in_use(o.host, port)]
+        if taken:
+            raise TrtbuildError(
+                f"port{'s' if len(taken) > 1 else ''} {', '.join(taken)} on {o.host} already in use",
+                hint="another server (perhaps a leftover tritonserver: `pgrep -a tritonserver`) holds it; stop it "
+                     "or pick other ports with --http-port/--grpc-port/--metrics-port",
+            )
+
     def start(self, timeout: float = 300.0, progress: Callable[[float], None] | None = None) -> "TritonServer":
+        self.check_ports()
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(), preexec_fn=_die_with_parent
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -245,14 +288,17 @@ class TritonServer:
         return "\n".join(interesting[-lines:])
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        os.killpg(self.process.pid, signal.SIGINT)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        """Stop the server and everything in its process group (the Python backend stubs)."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        _signal_group(self.process.pid, signal.SIGKILL)  # stubs that outlived the server
         return self.process.returncode
 
     def metrics(self) -> str:

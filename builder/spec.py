@@ -182,6 +182,10 @@ class BuildSpec:
     # the checkpoint (the Llama family, unquantized), transformers' continuous batching otherwise.
     llm_engine: str = "auto"
     max_num_tokens: int = 8192  # token budget of one engine step; longer prefills are chunked
+    # streamed responses: tokens produced faster than they are sent go out together, at most every
+    # stream_interval_ms and at most stream_max_tokens per response (0: no bound; 1: one token each)
+    stream_interval_ms: float = 0.0
+    stream_max_tokens: int = 0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -232,6 +236,8 @@ class BuildSpec:
             raise TrtbuildError("--kv-cache-free-gpu-mem-fraction must be in (0, 1]")
         positive("kv_cache_page_size", self.kv_cache.page_size)
         positive("max_num_tokens", self.max_num_tokens)
+        if self.stream_interval_ms < 0 or self.stream_max_tokens < 0:
+            raise TrtbuildError("--stream-interval-ms and --stream-max-tokens must be >= 0 (0: no bound)")
         if self.llm_engine not in LLM_ENGINES:
             raise TrtbuildError(f"--llm-engine {self.llm_engine} is not one of {', '.join(LLM_ENGINES)}")
         self.serving.validate(self.max_batch_size)

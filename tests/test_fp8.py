@@ -56,8 +56,18 @@ def test_sampling_follows_tensorrt_llm_greedy_convention(values, expected):
     assert llm_runtime.sampling_kwargs(True, 100, **values) == pytest.approx(expected)
 
 
-def test_sampling_rejects_bad_values():
-    with pytest.raises(ValueError, match="top_p must be in"):
-        llm_runtime.sampling_kwargs(True, 100, top_p=1.5, top_k=3)
+@pytest.mark.parametrize("values, message", [
+    (dict(top_p=1.5, top_k=3), "top_p must be in"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),  # alone: a greedy request would otherwise ignore it
+    (dict(top_k=-1), "runtime_top_k must be >= 0"),
+    (dict(top_k=101), "exceeds the vocabulary"),
+    (dict(seed=-1), "seed must be in"),
+])
+def test_sampling_rejects_bad_values(values, message):
+    with pytest.raises(ValueError, match=message):
+        llm_runtime.check_sampling(100, **values)
+
+
+def test_sampling_needs_per_request_processors():
     with pytest.raises(ValueError, match="no per-request sampling"):
         llm_runtime.sampling_kwargs(False, 100, top_k=3)

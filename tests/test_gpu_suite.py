@@ -27,6 +27,7 @@ def test_gpu_suite_runs_every_stage_on_cpu(tiny_checkpoint, tmp_path):
         if row["ttft_p50_ms"] is not None:
             assert 0 < row["ttft_p50_ms"] <= row["latency_p50_ms"]
     assert report["agreement"]["token_agreement"] == 1.0  # float32 on CPU: the engine is generate, token for token
+    assert report["agreement"]["teacher_forced_agreement"] == 1.0
     assert report["profile"]["3"]["step_ms"] > 0 if "3" in report["profile"] else report["profile"][3]["step_ms"] > 0
     saved = json.loads((tmp_path / "suite.json").read_text())
     assert saved["rows"] == report["rows"] and saved["goals"] == report["goals"]

@@ -6,6 +6,8 @@ out (preemption), prompts share a cached prefix: none of it may change a greedy 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -139,16 +141,16 @@ def test_engine_loop_rejects_alone_and_cancels(tiny_checkpoint):
         loop.add_request("long", [1, 2], SamplingParams(max_tokens=60, top_k=1, ignore_eos=True))
         loop.add_request("short", [3, 4], SamplingParams(max_tokens=3, top_k=1))
         finished = {}
-        while "short" not in finished:
-            out = loop.get_result(timeout=10)
-            assert out is not None
-            if out.is_finished():
-                finished[out.request_id] = out
+
+        def wait_for(request_id):
+            deadline = time.monotonic() + 30
+            while request_id not in finished:
+                assert time.monotonic() < deadline, f"{request_id} never finished"
+                finished.update((o.request_id, o) for o in loop.get_results(timeout=1) if o.is_finished())
+
+        wait_for("short")
         loop.cancel_request("long")
-        while "long" not in finished:
-            out = loop.get_result(timeout=10)
-            if out.is_finished():
-                finished[out.request_id] = out
+        wait_for("long")
         assert finished["short"].finish_reason is FinishReason.LENGTH
         assert finished["long"].finish_reason in (FinishReason.ABORT, FinishReason.LENGTH)
     finally:

@@ -23,7 +23,7 @@ def _url(server, protocol):
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-@pytest.mark.parametrize("model", ["ensemble", "llm_bls"])
+@pytest.mark.parametrize("model", ["ensemble", "llm_bls", "llm"])  # llm: text in, text out, one model
 def test_greedy_generation_equals_transformers(tiny_server, reference, protocol, model):
     result = generate(_url(tiny_server, protocol), PROMPT, 24, protocol=protocol, model=model)
     assert result.text == reference[PROMPT]
@@ -31,7 +31,7 @@ def test_greedy_generation_equals_transformers(tiny_server, reference, protocol,
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-@pytest.mark.parametrize("model", ["ensemble", "llm_bls"])
+@pytest.mark.parametrize("model", ["ensemble", "llm_bls", "llm"])
 def test_streaming_concatenates_to_the_same_text(tiny_server, reference, protocol, model):
     result = generate(_url(tiny_server, protocol), PROMPT, 24, protocol=protocol, model=model, stream=True)
     assert len(result.chunks) > 3

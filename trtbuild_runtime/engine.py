@@ -2,8 +2,9 @@
 
 `LLMEngine` is synchronous (`add_request`, `step`, `generate`); `EngineLoop` runs it on a thread
 for a server: requests and cancellations are queued from any thread and results come back through
-`get_result`, with the same names as transformers' continuous-batching manager so the Triton model
-drives either one. A request is validated before it joins the batch, so a bad one is refused on its
+`get_results` (everything produced since the last call, one list per step merged), next to the
+names of transformers' continuous-batching manager (`add_request`, `cancel_request`) so the Triton
+model drives either one. A request is validated before it joins the batch, so a bad one is refused on its
 own; a step that fails fails only the requests it ran and the loop keeps serving.
 """
 
@@ -167,11 +168,17 @@ class EngineLoop:
         self.inbox.put(("abort", request_id))
         self.wake.set()
 
-    def get_result(self, timeout: float | None = None) -> RequestOutput | None:
+    def get_results(self, timeout: float | None = None) -> list[RequestOutput]:
+        """Every output waiting (blocking up to `timeout` for the first), oldest first."""
         try:
-            return self.results.get(timeout=timeout)
+            outputs = list(self.results.get(timeout=timeout))
         except queue.Empty:
-            return None
+            return []
+        while True:
+            try:
+                outputs.extend(self.results.get_nowait())
+            except queue.Empty:
+                return outputs
 
     def stop(self, block: bool = True, timeout: float | None = None) -> None:
         self.stopping.set()
@@ -190,11 +197,11 @@ class EngineLoop:
                 try:
                     self.engine.add_request(request_id, prompt, params)
                 except ValueError as e:
-                    self.results.put(RequestOutput(request_id, [], [], FinishReason.ERROR, str(e), len(prompt)))
+                    self.results.put([RequestOutput(request_id, [], [], FinishReason.ERROR, str(e), len(prompt))])
             else:
                 out = self.engine.abort(item[1])
                 if out is not None:
-                    self.results.put(out)
+                    self.results.put([out])
 
     def _run(self) -> None:
         while not self.stopping.is_set():
@@ -203,5 +210,6 @@ class EngineLoop:
                 self.wake.wait(0.05)
                 self.wake.clear()
                 continue
-            for out in self.engine.step():
-                self.results.put(out)
+            outputs = self.engine.step()
+            if outputs:
+                self.results.put(outputs)

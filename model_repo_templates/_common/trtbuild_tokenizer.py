@@ -47,6 +47,42 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
 
+class IncrementalDecoder:
+    """Text deltas of a growing token sequence whose concatenation is the text of the whole sequence.
+
+    Each step decodes only a window: the tokens since the last point where the text was complete,
+    plus the ones before it that set its context (a leading space that a decoder strips at the
+    start of a text, a character whose bytes span tokens). That makes streaming linear in the
+    output instead of quadratic, and exact: a delta is emitted only when the window's text no
+    longer ends in a partial character (U+FFFD); `finish` flushes whatever is left.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens=True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.tokens = []
+        self.prefix = 0  # window start
+        self.read = 0  # tokens whose text has been emitted
+
+    def _text(self, start, end=None):
+        return self.tokenizer.decode(self.tokens[start:end], skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, ids) -> str:
+        self.tokens.extend(int(i) for i in ids)
+        emitted = self._text(self.prefix, self.read)
+        text = self._text(self.prefix)
+        if len(text) <= len(emitted) or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.tokens)
+        return text[len(emitted):]
+
+    def finish(self) -> str:
+        emitted = self._text(self.prefix, self.read)
+        text = self._text(self.prefix)
+        self.prefix = self.read = len(self.tokens)
+        return text[len(emitted):]
+
+
 def _content(token):
     return token.get("content") if isinstance(token, dict) else token
 

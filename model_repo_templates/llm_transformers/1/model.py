@@ -1,5 +1,12 @@
 """The LLM step: trtbuild_runtime (the Llama family) or Hugging Face transformers continuous batching.
 
+It also answers text directly (`text_input` in, `text_output` out, the ensemble's input names),
+as Triton's vLLM model does: one model and one hop for streaming clients, detokenized
+incrementally in this process. Streamed tokens are coalesced: when the engine produces them faster
+than responses are sent, one response carries every token accumulated since the last, bounded by
+`stream_interval_ms` and `stream_max_tokens` (1: one token per response); the concatenated text
+never changes.
+
 The `engine` parameter says which, chosen when the repository was generated (trtbuild.json says
 why). Both are driven through the same calls (add_request, cancel_request, get_result), so every
 input below means the same on either. It speaks the tensor interface of NVIDIA's C++ `tensorrt_llm` model (input_ids, input_lengths,
@@ -17,8 +24,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 import llm_runtime as runtime
-from trtbuild_tokenizer import load_tokenizer
-from trtbuild_utils import error_response, optional, parameters, scalar, stop_index, tensor, words_list
+from trtbuild_tokenizer import IncrementalDecoder, load_tokenizer
+from trtbuild_utils import error_response, optional, parameters, scalar, stop_index, strings, tensor, words_list
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -40,9 +47,9 @@ class _State:
     """One request in flight."""
 
     __slots__ = ("sender", "request", "prompt", "streaming", "exclude_input", "return_log_probs",
-                 "stop_words", "holdback", "sent", "checked", "cum_log_prob", "done")
+                 "stop_words", "holdback", "sent", "checked", "cum_log_prob", "done", "text", "last_sent")
 
-    def __init__(self, sender, request, prompt, streaming, exclude_input, return_log_probs, stop_words):
+    def __init__(self, sender, request, prompt, streaming, exclude_input, return_log_probs, stop_words, text=None):
         self.sender = sender
         self.request = request
         self.prompt = prompt
@@ -55,6 +62,8 @@ class _State:
         self.checked = 0  # tokens already searched for stop words
         self.cum_log_prob = 0.0
         self.done = False
+        self.text = text  # an IncrementalDecoder when the request came as text_input
+        self.last_sent = 0.0
 
 
 class TritonPythonModel:
@@ -87,6 +96,17 @@ class TritonPythonModel:
             max_input_len=self.max_input_len, max_output_len=self.max_output_len,
             page_size=int(p["kv_cache_page_size"]), num_blocks=int(p["kv_cache_num_blocks"]),
             free_gpu_mem_fraction=float(p["kv_cache_free_gpu_mem_fraction"]),
+        )
+        self.add_special_tokens = p.get("add_special_tokens", "true").lower() == "true"
+        self.skip_special_tokens = p.get("skip_special_tokens", "true").lower() == "true"
+        self.stream_interval = float(p.get("stream_interval_ms", "0")) / 1e3
+        self.stream_max_tokens = int(p.get("stream_max_tokens", "0"))
+        # outputs that never change, built once: a response costs a few tensors, not eight
+        self.constant_outputs = (
+            tensor("context_logits", np.zeros((1, 1, 1), np.float32)),
+            tensor("generation_logits", np.zeros((1, 1, 1, 1), np.float32)),
+            tensor("batch_index", np.zeros((1, 1), np.int32)),
+            tensor("sequence_index", np.zeros((1, 1), np.int32)),
         )
         self.lock = threading.Lock()
         self.active = {}
@@ -147,9 +167,39 @@ class TritonPythonModel:
                 sender.send(error_response(str(e)), flags=FINAL)
         return None
 
-    def _submit(self, request, sender):
+    def _prompt(self, request):
+        """Token ids from input_ids/input_lengths (the ensemble's LLM step) or text_input (one model)."""
+        text = optional(request, "text_input")
+        if text is not None:
+            (query,) = strings(text)[:1] or [""]
+            ids = self.tokenizer.encode(query, add_special_tokens=self.add_special_tokens)
+            if len(ids) > self.max_input_len:
+                raise ValueError(f"prompt has {len(ids)} tokens, more than max_input_len={self.max_input_len} this build allows")
+            return np.array([ids], np.int64), np.array([len(ids)]), True
         ids = optional(request, "input_ids")
-        lengths = optional(request, "input_lengths").reshape(-1)
+        if ids is None:
+            raise ValueError("send text_input, or input_ids with input_lengths")
+        lengths = optional(request, "input_lengths")
+        if lengths is None:
+            raise ValueError("input_lengths is required with input_ids")
+        return ids, lengths.reshape(-1), False
+
+    def _first(self, request, *names):
+        """The value of the first of `names` the request carries (the LLM's name, then the ensemble's)."""
+        return next((v for v in (scalar(request, n) for n in names) if v is not None), None)
+
+    def _stop_words(self, request):
+        words = optional(request, "stop_words")
+        if words is None:
+            return words_list(optional(request, "stop_words_list"))
+        out = []
+        for word in (w for w in strings(words) if w):
+            for variant in ((word,) if word[:1].isspace() else (word, " " + word)):
+                out.append(self.tokenizer.encode(variant, add_special_tokens=False))
+        return out
+
+    def _submit(self, request, sender):
+        ids, lengths, as_text = self._prompt(request)
         if ids.shape[0] != 1:
             raise ValueError(f"send one prompt per request (got a batch of {ids.shape[0]}); batching happens in flight")
         for name, (neutral, why) in UNSUPPORTED.items():
@@ -162,9 +212,10 @@ class TritonPythonModel:
             raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
         if not prompt:
             raise ValueError("the prompt is empty (input_lengths 0)")
-        if scalar(request, "request_output_len") is None:
+        max_tokens = self._first(request, "request_output_len", "max_tokens")
+        if max_tokens is None:
             raise ValueError("request_output_len (max_tokens) is required")
-        max_tokens = int(scalar(request, "request_output_len"))
+        max_tokens = int(max_tokens)
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if max_tokens > self.max_output_len or len(prompt) + max_tokens > self.max_seq_len:
@@ -172,7 +223,7 @@ class TritonPythonModel:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds this build's limits "
                 f"(max_input_len {self.max_input_len}, max_output_len {self.max_output_len})"
             )
-        if words_list(optional(request, "bad_words_list")):
+        if words_list(optional(request, "bad_words_list")) or any(strings(optional(request, "bad_words", np.array([], object)))):
             raise ValueError("bad_words cannot be honoured by the transformers runtime")
         end_id = int(scalar(request, "end_id", self.default_end_id))
         if not 0 <= end_id < self.vocab_size:
@@ -180,16 +231,17 @@ class TritonPythonModel:
         min_tokens = int(scalar(request, "min_tokens", 0))
         if min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {min_tokens}")
-        values = {k: scalar(request, n) for k, n in (("temperature", "temperature"), ("top_k", "runtime_top_k"),
-                                                      ("top_p", "runtime_top_p"), ("seed", "seed"))}
+        values = {"temperature": scalar(request, "temperature"), "top_k": self._first(request, "runtime_top_k", "top_k"),
+                  "top_p": self._first(request, "runtime_top_p", "top_p"), "seed": scalar(request, "seed")}
         runtime.check_sampling(self.vocab_size, **values)
         request_id = uuid.uuid4().hex
         state = _State(
             sender, request, prompt,
-            streaming=bool(scalar(request, "streaming", False)),
+            streaming=bool(self._first(request, "streaming", "stream")),
             exclude_input=bool(scalar(request, "exclude_input_in_output", self.exclude_input_default)),
             return_log_probs=bool(scalar(request, "return_log_probs", False)),
-            stop_words=words_list(optional(request, "stop_words_list")),
+            stop_words=self._stop_words(request),
+            text=IncrementalDecoder(self.tokenizer, self.skip_special_tokens) if as_text else None,
         )
         if self.engine == "trtbuild":
             from trtbuild_runtime import SamplingParams
@@ -219,11 +271,23 @@ class TritonPythonModel:
         )
 
     # ---------------------------------------------------------------- results out
+    def _results(self):
+        """Every result waiting, the newest per request only: results are cumulative, so a newer one
+        carries everything an older one did (this is where streamed tokens coalesce)."""
+        if self.engine == "trtbuild":
+            results = self.manager.get_results(timeout=0.05)
+        else:
+            result = self.manager.get_result(timeout=0.05)
+            results = [] if result is None else [result]
+        newest = {}
+        for result in results:
+            newest[result.request_id] = result
+        return newest.values()
+
     def _dispatch(self):
         last_cancel_check = time.monotonic()
         while not self.stopping.is_set():
-            result = self.manager.get_result(timeout=0.05)
-            if result is not None:
+            for result in self._results():
                 self._handle(result)
             if time.monotonic() - last_cancel_check > 0.1:
                 last_cancel_check = time.monotonic()
@@ -251,33 +315,43 @@ class TritonPythonModel:
         end = len(tokens)
         if not finished:
             end -= state.holdback
-            if end > state.sent and self.tokenizer.decode(tokens[state.sent:end]).endswith("\ufffd"):
+            now = time.monotonic()
+            if end <= state.sent or now - state.last_sent < self.stream_interval:
+                return  # nothing new, or too soon: these tokens go with the next response
+            if state.text is None and self.tokenizer.decode(tokens[state.sent:end]).endswith("\ufffd"):
                 return  # a character is split across tokens: wait for the rest of it
-            if end <= state.sent:
-                return
-        chunk = tokens[state.sent:end]
-        chunk_logprobs = logprobs[state.sent:end]
-        state.cum_log_prob += float(sum(chunk_logprobs))
-        if not state.streaming and not state.exclude_input:
-            chunk = state.prompt + chunk
-            chunk_logprobs = [0.0] * len(state.prompt) + chunk_logprobs
-        state.sent = end
+            state.last_sent = now
+        step = self.stream_max_tokens if state.streaming and self.stream_max_tokens > 0 else max(end - state.sent, 1)
+        starts = list(range(state.sent, end, step)) or [state.sent]
         if finished:
             self._finish(result.request_id, state)
-        state.sender.send(self._response(chunk, chunk_logprobs, state), flags=FINAL if finished else 0)
+        for i, start in enumerate(starts):
+            stop = min(start + step, end)
+            last = finished and i == len(starts) - 1
+            chunk, chunk_logprobs = tokens[start:stop], logprobs[start:stop]
+            state.cum_log_prob += float(sum(chunk_logprobs))
+            if not state.streaming and not state.exclude_input:
+                chunk = state.prompt + chunk
+                chunk_logprobs = [0.0] * len(state.prompt) + chunk_logprobs
+            state.sent = stop
+            state.sender.send(self._response(chunk, chunk_logprobs, state, last), flags=FINAL if last else 0)
 
-    def _response(self, tokens, logprobs, state):
+    def _response(self, tokens, logprobs, state, last=False):
         n = len(tokens)
+        outputs = []
+        if state.text is not None:
+            if state.streaming:
+                text = state.text.push(tokens) + (state.text.finish() if last else "")
+            else:
+                text = self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
+            outputs.append(tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)))
         return pb_utils.InferenceResponse(
-            output_tensors=[
+            output_tensors=outputs + [
                 tensor("output_ids", np.array(tokens, np.int32).reshape(1, 1, n)),
                 tensor("sequence_length", np.array([[n]], np.int32)),
                 tensor("cum_log_probs", np.array([[state.cum_log_prob]], np.float32)),
                 tensor("output_log_probs", np.array(logprobs if state.return_log_probs else [0.0] * n, np.float32).reshape(1, 1, n)),
-                tensor("context_logits", np.zeros((1, 1, 1), np.float32)),
-                tensor("generation_logits", np.zeros((1, 1, 1, 1), np.float32)),
-                tensor("batch_index", np.zeros((1, 1), np.int32)),
-                tensor("sequence_index", np.zeros((1, 1), np.int32)),
+                *self.constant_outputs,
             ]
         )
 
