@@ -36,8 +36,10 @@ def free_port() -> int:
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """Whether something already listens on host:port (a bind test, as tritonserver's own would fail)."""
+    """Whether something already listens on host:port (a bind test, as tritonserver's own would fail;
+    SO_REUSEADDR as the server sets it, so connections of a stopped server in TIME_WAIT do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -54,15 +54,16 @@ class SamplingTensors:
 def sample(logits: torch.Tensor, t: SamplingTensors, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token ids [B] and, if any row asked, the log-probabilities of those tokens [B].
 
-    An all-greedy batch without masks or log-probs takes the argmax of the model's own dtype: bf16
-    to float32 is exact, so the tokens are the same and the float copy of [B, vocab] is saved.
+    An all-greedy batch without log-probs masks and takes the argmax in the model's own dtype (the
+    logits are this step's own buffer): bf16 to float32 is exact, so the tokens are the same and the
+    float copy of [B, vocab] is saved.
     """
-    if t.greedy and not t.masks and not t.logprobs:
-        return logits.argmax(dim=-1), None
-    logits = logits.float()
     if t.masks:
         rows, tokens = zip(*t.masks)
         logits[list(rows), list(tokens)] = float("-inf")
+    if t.greedy and not t.logprobs:
+        return logits.argmax(dim=-1), None
+    logits = logits.float()
     if t.greedy:
         tokens = logits.argmax(dim=-1)
     else:
