@@ -132,6 +132,11 @@ def run_cmd(url, protocol, model, interface, stream, concurrency, request_rate, 
         sys.exit(130)
     if not any(r.metrics.completed for r in result.runs):
         raise TrtbuildError("no request completed", hint="see the errors above")
+    aborted = [r for r in result.runs if r.aborted]
+    if aborted:
+        console.print(f"[bold red]aborted[/] at {aborted[0].load.label}: {aborted[0].aborted}; "
+                      "the results above (and in --out) cover what was measured", highlight=False)
+        sys.exit(1)
 
 
 class _Progress:

@@ -132,6 +132,15 @@ class BenchResult:
 RunProgress = Callable[[LoadPoint, int, int, float], None]  # (load point, finished, failed, elapsed s)
 
 
+async def _alive(transport) -> bool:
+    """Whether the server still answers: a sweep against a dead server would only add failures."""
+    try:
+        await asyncio.wait_for(transport.server_metadata(), timeout=5)
+        return True
+    except Exception:  # noqa: BLE001 - any failure to answer means the same here
+        return False
+
+
 def run_benchmark(config: BenchConfig, progress: RunProgress | None = None,
                   on_start: Callable[[LoadPoint, int | None], None] | None = None) -> BenchResult:
     """Run every load point of `config` against the server; partial results survive interruption."""
@@ -191,6 +200,8 @@ async def bench_async(config: BenchConfig, progress: RunProgress | None = None,
             runs.append(RunResult(point, metrics, sorted(result.records, key=lambda r: r.index),
                                   _stats_delta(before, after), result.aborted, started_at))
             before = after
+            if not result.aborted and any(not r.ok for r in result.records) and not await _alive(transport):
+                result.aborted = runs[-1].aborted = "the server stopped answering"
             if result.aborted:
                 skipped = config.loads[len(runs):]
                 if skipped:

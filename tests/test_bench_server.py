@@ -153,6 +153,8 @@ def test_server_stopped_mid_run_keeps_partial_results(tiny_repository, tmp_path)
     assert run.metrics.failed >= 1 and run.metrics.errors
     assert len(run.records) == run.metrics.completed + run.metrics.failed
     assert all(r.error for r in run.records if not r.ok)
+    assert run.aborted == "the server stopped answering"
+    assert len(result.runs) == 1 and any("stopped answering; skipped" in n for n in result.notes), result.notes
     write(result, tmp_path / "out", plots=False)
     lines = [json.loads(line) for line in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
     assert sum(line["ok"] for line in lines) == run.metrics.completed
