@@ -34,7 +34,9 @@ def _t(name: str, dtype: str, dims: tuple[int, ...] = (1,), optional: bool = Tru
 # --- ensemble / BLS (what clients see) -------------------------------------------------------
 ENSEMBLE_INPUTS: tuple[Tensor, ...] = (
     _t("text_input", "STRING", (1,), optional=False),
-    _t("max_tokens", "INT32", (1,), optional=False),
+    # required, but declared optional: Triton 2.51 answers a decoupled ensemble's missing required
+    # input with an empty stream (HTTP 200), so the LLM step refuses it instead, with its name
+    _t("max_tokens", "INT32", (1,)),
     _t("bad_words", "STRING", (-1,)),
     _t("stop_words", "STRING", (-1,)),
     _t("end_id", "INT32"),
@@ -127,7 +129,7 @@ TEXT_LLM_OUTPUTS: tuple[Tensor, ...] = (_t("text_output", "STRING", (-1,), optio
 # --- pre/post-processing -----------------------------------------------------------------------
 PREPROCESSING_INPUTS: tuple[Tensor, ...] = (
     _t("QUERY", "STRING", (1,), optional=False),
-    _t("REQUEST_OUTPUT_LEN", "INT32", (1,), optional=False),
+    _t("REQUEST_OUTPUT_LEN", "INT32", (1,)),  # required by the ensemble; missing: trtbuild_utils.MISSING_OUTPUT_LEN
     _t("BAD_WORDS_DICT", "STRING", (-1,)),
     _t("STOP_WORDS_DICT", "STRING", (-1,)),
     _t("END_ID", "INT32"),

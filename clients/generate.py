@@ -151,8 +151,8 @@ class HttpGenerator:
         self.session = requests.Session()
 
     def stream(self, prompt: str, max_tokens: int, stream: bool = True, **params: Any) -> Iterator[tuple[float, str, dict]]:
-        body: dict[str, Any] = {"text_input": prompt, "max_tokens": max_tokens, "stream": stream}
-        body.update({k: v for k, v in params.items() if v is not None})
+        body: dict[str, Any] = {"text_input": prompt, "stream": stream}
+        body.update({k: v for k, v in {"max_tokens": max_tokens, **params}.items() if v is not None})
         endpoint = "generate_stream" if stream else "generate"
         try:
             r = self.session.post(f"{self.base}/v2/models/{self.model}/{endpoint}", json=body, stream=stream, timeout=600)

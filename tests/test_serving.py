@@ -90,6 +90,15 @@ def test_values_the_runtime_cannot_honour_are_rejected(tiny_server, params, mess
         generate(_url(tiny_server, protocol), PROMPT, 8, protocol=protocol, **params)
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("model", ["ensemble", "llm_bls", "llm"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_missing_max_tokens_is_an_error_on_every_path(tiny_server, protocol, model, stream):
+    """Not an empty success: Triton drops the errors of a decoupled ensemble's first step."""
+    with pytest.raises(GenerationError, match="max_tokens"):
+        generate(_url(tiny_server, protocol), PROMPT, None, protocol=protocol, model=model, stream=stream)
+
+
 def test_seeded_sampling_is_reproducible(tiny_server):
     texts = {generate(tiny_server.grpc_url, PROMPT, 16, temperature=1.0, top_k=20, seed=7).text for _ in range(2)}
     assert len(texts) == 1

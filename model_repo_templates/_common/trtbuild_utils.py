@@ -9,6 +9,12 @@ import triton_python_backend_utils as pb_utils
 _NUMPY2 = int(np.__version__.split(".")[0]) >= 2
 
 
+# preprocessing's REQUEST_OUTPUT_LEN when the client sent no max_tokens: the LLM step refuses it.
+# (Triton 2.51 drops an error of an ensemble's first step when the ensemble is decoupled: the
+# client would get an empty stream, so the step whose errors do arrive reports it.)
+MISSING_OUTPUT_LEN = -1
+
+
 def parameters(args):
     config = json.loads(args["model_config"])
     return config, {k: v["string_value"] for k, v in config.get("parameters", {}).items()}

@@ -25,7 +25,7 @@ import triton_python_backend_utils as pb_utils
 
 import llm_runtime as runtime
 from trtbuild_tokenizer import IncrementalDecoder, load_tokenizer
-from trtbuild_utils import error_response, optional, parameters, scalar, stop_index, strings, tensor, words_list
+from trtbuild_utils import MISSING_OUTPUT_LEN, error_response, optional, parameters, scalar, stop_index, strings, tensor, words_list
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -213,7 +213,7 @@ class TritonPythonModel:
         if not prompt:
             raise ValueError("the prompt is empty (input_lengths 0)")
         max_tokens = self._first(request, "request_output_len", "max_tokens")
-        if max_tokens is None:
+        if max_tokens is None or int(max_tokens) == MISSING_OUTPUT_LEN:
             raise ValueError("request_output_len (max_tokens) is required")
         max_tokens = int(max_tokens)
         if max_tokens < 1:

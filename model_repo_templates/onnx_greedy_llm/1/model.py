@@ -11,7 +11,7 @@ back. Finished sequences leave the batch. The model is not decoupled: one respon
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trtbuild_utils import error_response, optional, parameters, scalar, stop_index, tensor, words_list
+from trtbuild_utils import MISSING_OUTPUT_LEN, error_response, optional, parameters, scalar, stop_index, tensor, words_list
 
 TRITON_TO_NUMPY = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
 
@@ -88,6 +88,8 @@ class TritonPythonModel:
         ids = optional(request, "input_ids")
         lengths = optional(request, "input_lengths").reshape(-1)
         max_tokens = np.asarray(optional(request, "request_output_len")).reshape(-1)
+        if (max_tokens == MISSING_OUTPUT_LEN).any():
+            raise ValueError("request_output_len (max_tokens) is required")
         end_ids = _per_row(optional(request, "end_id"), len(ids), self.default_end_id)
         min_tokens = int(scalar(request, "min_tokens", 0))
         stop_words = words_list(optional(request, "stop_words_list"))

@@ -4,7 +4,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from trtbuild_tokenizer import load_tokenizer
-from trtbuild_utils import error_response, optional, parameters, strings, tensor
+from trtbuild_utils import MISSING_OUTPUT_LEN, error_response, optional, parameters, strings, tensor
 
 
 class TritonPythonModel:
@@ -35,7 +35,8 @@ class TritonPythonModel:
         width = max(len(x) for x in ids)
         input_ids = np.stack([np.pad(np.array(x, np.int32), (0, width - len(x)), constant_values=p) for x, p in zip(ids, pad_id[:, 0])])
         lengths = np.array([[len(x)] for x in ids], np.int32)
-        output_len = np.asarray(optional(request, "REQUEST_OUTPUT_LEN"), np.int32).reshape(batch, 1)
+        output_len = optional(request, "REQUEST_OUTPUT_LEN", np.full((batch, 1), MISSING_OUTPUT_LEN))
+        output_len = np.asarray(output_len, np.int32).reshape(batch, 1)
         return pb_utils.InferenceResponse(
             output_tensors=[
                 tensor("INPUT_ID", input_ids),
