@@ -8,9 +8,10 @@ exactly to the non-streamed text.
 
 Why threads and not `async def execute` with `await async_exec(decoupled=True)`: Triton 2.51's
 response iterator blocks, so an async model must still read it on threads, and that mix corrupted
-the stub's heap at 16 concurrent streams ("corrupted size vs. prev_size", the stub dies and its
-streams never end). Blocking `exec` on threads is the pattern the Python backend documents for
-decoupled models. The caller's queue timeout goes with every call, as an ensemble does; its
+the stub's heap at 16 concurrent streams ("corrupted size vs. prev_size"; the stub dies and its
+streams never end). Threads alone died too, at 64 streams; one lock over all work on responses,
+released only while waiting for the next one, and owned copies of their outputs keep it alive at
+64 streams on CPU, not at 256 (bench/README.md): the fault is not found yet. The caller's queue timeout goes with every call, as an ensemble does; its
 priority cannot (`pb_utils.InferenceRequest` has no priority argument), so priority acts in this
 model's own queue.
 """
