@@ -65,6 +65,9 @@ CONFIGS = {
     "chunked-prefill": dict(max_num_batched_tokens=8, max_num_seqs=4),  # every prompt is cut into chunks
     "preemption": dict(num_blocks=6, page_size=16, max_num_seqs=8),  # 6 blocks for 8 sequences
     "prefix-cache": dict(enable_prefix_caching=True, page_size=16),
+    "speculative-ngram": dict(speculative="ngram", num_speculative_tokens=4, page_size=16),
+    "speculative-ngram-prefix-cache": dict(speculative="ngram", num_speculative_tokens=3, enable_prefix_caching=True,
+                                           page_size=16, max_num_seqs=6),  # drafts cross block edges; few rows to spare
 }
 
 
@@ -75,6 +78,8 @@ def test_tiny_llama_greedy_equals_generate(tiny_checkpoint, tiny_case, name):
     assert staggered(engine, ids, max_tokens, eos) == expected
     if name == "preemption":
         assert engine.scheduler.preemptions > 0
+    if name.startswith("speculative"):
+        assert engine.speculation.drafted > 0 and 0 < engine.speculation.accepted < engine.speculation.drafted
     assert engine.blocks.num_free == engine.blocks.num_blocks  # every block came back
 
 

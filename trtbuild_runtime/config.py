@@ -8,6 +8,9 @@ from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+QUANTIZATIONS = ("none", "fp8", "int4_wo")
+KV_CACHE_DTYPES = ("auto", "fp8")
+SPECULATIVE_MODES = ("none", "ngram")
 
 
 class UnsupportedModel(ValueError):
@@ -28,6 +31,11 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
+    quantization: str = "none"  # weights: none, fp8 (e4m3, per-channel scales), int4_wo (group-wise, weight-only)
+    kv_cache_dtype: str = "auto"  # auto (the model dtype), fp8 (e4m3 pages, one scale per layer)
+    speculative: str = "none"  # none, ngram (prompt lookup)
+    num_speculative_tokens: int = 4  # draft tokens verified per step (TensorRT-LLM's max_draft_len)
+    prompt_lookup_max: int = 3  # longest suffix n-gram prompt lookup matches
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size"):
@@ -35,6 +43,13 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.page_size & (self.page_size - 1) or self.page_size < 16:
             raise ValueError(f"page_size must be a power of two >= 16 (the attention kernel's tile), got {self.page_size}")
+        for name, value, allowed in (("quantization", self.quantization, QUANTIZATIONS),
+                                     ("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES),
+                                     ("speculative", self.speculative, SPECULATIVE_MODES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.speculative != "none" and not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
         if not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
         # a whole prompt of max_model_len must fit in one step's budget or be chunked: both work,

@@ -22,6 +22,7 @@ from trtbuild_runtime.config import EngineConfig, check_supported
 from trtbuild_runtime.model_runner import ModelRunner
 from trtbuild_runtime.scheduler import Scheduler
 from trtbuild_runtime.sequence import FinishReason, SamplingParams, Sequence
+from trtbuild_runtime.speculative import PromptLookup, SpeculativeStats, accept
 
 log = logging.getLogger("trtbuild_runtime")
 
@@ -47,7 +48,9 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.hf_config)
         self.vocab_size = self.runner.vocab_size
         self.blocks = BlockManager(self.runner.num_blocks, config.page_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.blocks)
+        proposer = PromptLookup(config.num_speculative_tokens, config.prompt_lookup_max) if config.speculative == "ngram" else None
+        self.scheduler = Scheduler(config, self.blocks, proposer)
+        self.speculation = SpeculativeStats()
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0
         self.failed_steps = 0
@@ -101,12 +104,25 @@ class LLMEngine:
                 seq.error = f"{type(e).__name__}: {e}"
                 outputs.append(self._finish(seq, FinishReason.ERROR))
             return outputs
-        self.scheduler.finish_step(batch)
         outputs = []
+        row = 0
         for i, seq in enumerate(sampling):
-            seq.append(tokens[i], logprobs[i] if logprobs is not None and seq.params.logprobs else None)
-            reason = seq.check_finished()
+            draft = batch.drafts[i] if batch.drafts else ()
+            new = accept(draft, tokens[row:row + len(draft) + 1]) if draft else (tokens[row],)
+            logprob = logprobs[row] if logprobs is not None and seq.params.logprobs else None
+            row += len(draft) + 1
+            if draft:
+                self.speculation.steps += 1
+                self.speculation.drafted += len(draft)
+                self.speculation.accepted += len(new) - 1
+            reason = None
+            for token in new:
+                seq.append(token, logprob)
+                reason = seq.check_finished()
+                if reason:
+                    break
             outputs.append(self._finish(seq, reason) if reason else self._output(seq))
+        self.scheduler.finish_step(batch)
         return outputs
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> RequestOutput:
@@ -137,7 +153,8 @@ class LLMEngine:
         return {"steps": self.steps, "failed_steps": self.failed_steps, "preemptions": self.scheduler.preemptions,
                 "prefix_cache_hit_rate": self.blocks.hit_rate, "free_blocks": self.blocks.num_free,
                 "num_blocks": self.blocks.num_blocks, "running": len(self.scheduler.running),
-                "waiting": len(self.scheduler.waiting)}
+                "waiting": len(self.scheduler.waiting), "speculative_acceptance_rate": self.speculation.acceptance_rate,
+                "speculative_tokens_per_step": self.speculation.tokens_per_step}
 
 
 class EngineLoop:

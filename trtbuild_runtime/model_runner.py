@@ -171,22 +171,39 @@ class ModelRunner:
         return self._tensor(ids, torch.long), self._tensor(positions, torch.long), ctx, sample_rows
 
     def _prepare_decode(self, batch: Batch, rows: int):
+        """One row per sequence, at its last token; a drafted sequence adds a row per draft token,
+        each at its own position and context length, reading the sequence's blocks."""
         seqs = batch.seqs
         ids = np.zeros(rows, dtype=np.int64)
         positions = np.zeros(rows, dtype=np.int64)
         slots = np.full(rows, self.trash_slot, dtype=np.int64)
         lens = np.zeros(rows, dtype=np.int32)
         page = self.page
-        for i, s in enumerate(seqs):
-            p = len(s.tokens) - 1
-            ids[i], positions[i], lens[i] = s.tokens[-1], p, p + 1
-            slots[i] = s.block_table[p // page] * page + p % page
-        return ids, positions, slots, lens, self._block_tables(seqs, rows)
+        if not batch.drafts:
+            for i, s in enumerate(seqs):
+                p = len(s.tokens) - 1
+                ids[i], positions[i], lens[i] = s.tokens[-1], p, p + 1
+                slots[i] = s.block_table[p // page] * page + p % page
+            return ids, positions, slots, lens, self._block_tables(seqs, rows)
+        owners = []
+        r = 0
+        for s, draft in zip(seqs, batch.drafts):
+            start = len(s.tokens) - 1
+            for j, token in enumerate([s.tokens[-1], *draft]):
+                p = start + j
+                ids[r], positions[r], lens[r] = token, p, p + 1
+                slots[r] = s.block_table[p // page] * page + p % page
+                owners.append(s)
+                r += 1
+        return ids, positions, slots, lens, self._block_tables(owners, rows)
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[int], list[float] | None]:
-        """Run one step; tokens (and log-probs) for the sequences that sample, in batch order."""
+        """Run one step; tokens (and log-probs) for the sequences that sample, in batch order (for a
+        decode step with drafts, one per row: a sequence's last token, then each draft token)."""
         sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        if batch.drafts:
+            sampling_seqs = [s for s, d in zip(batch.seqs, batch.drafts) for _ in range(len(d) + 1)]
         if batch.is_prefill:
             ids, positions, ctx, rows = self._prepare_prefill(batch)
             attention.set_context(ctx)
@@ -204,7 +221,7 @@ class ModelRunner:
         return [int(t) for t in both[0]], both[1]
 
     def _decode(self, batch: Batch) -> torch.Tensor:
-        n = len(batch.seqs)
+        n = batch.num_rows
         size = self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)] if self.graphs and n <= self.graph_sizes[-1] else None
         ids, positions, slots, lens, tables = self._prepare_decode(batch, size or n)
         if size is None:

@@ -6,6 +6,9 @@ for every running sequence). Prefill goes first whenever a waiting sequence can 
 new requests wait at most one step for their first token. When a running sequence needs a block
 and none is free, the most recently admitted sequence is preempted: its blocks are released and
 it goes back to the front of the queue, to be recomputed from its tokens (prompt and output so far).
+
+With speculative decoding on, a decode step also carries drafts (`speculative`): only while the
+rows they add fit the largest captured batch, so speculation yields to throughput under load.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import dataclasses
 from trtbuild_runtime.block_manager import BlockManager
 from trtbuild_runtime.config import EngineConfig
 from trtbuild_runtime.sequence import FinishReason, Sequence, Status
+from trtbuild_runtime.speculative import PromptLookup
 
 
 @dataclasses.dataclass
@@ -23,6 +27,12 @@ class Batch:
     seqs: list[Sequence]
     num_tokens: list[int]  # tokens each sequence computes in this step, from its num_computed
     is_prefill: bool
+    drafts: list[list[int]] | None = None  # decode: tokens each sequence verifies after its last one
+
+    @property
+    def num_rows(self) -> int:
+        """Rows the model computes: one per sequence, plus one per draft token."""
+        return len(self.seqs) + (sum(map(len, self.drafts)) if self.drafts else 0)
 
     @property
     def total_tokens(self) -> int:
@@ -34,13 +44,14 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, blocks: BlockManager):
+    def __init__(self, config: EngineConfig, blocks: BlockManager, proposer: PromptLookup | None = None):
         self.max_num_seqs = config.max_num_seqs
         self.budget = config.max_num_batched_tokens
         self.blocks = blocks
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.proposer = proposer
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -88,7 +99,28 @@ class Scheduler:
                 self.blocks.ensure(seq, len(seq))
                 scheduled.append(seq)
         self.running = scheduled
-        return Batch(scheduled, [1] * len(scheduled), is_prefill=False) if scheduled else None
+        if not scheduled:
+            return None
+        return Batch(scheduled, [1] * len(scheduled), is_prefill=False, drafts=self._drafts(scheduled) if self.proposer else None)
+
+    def _drafts(self, seqs: list[Sequence]) -> list[list[int]] | None:
+        """A draft for each greedy sequence, while the rows fit the largest decode batch."""
+        rows_left = self.max_num_seqs - len(seqs)
+        drafts, any_draft = [], False
+        for seq in seqs:
+            draft: list[int] = []
+            p = seq.params
+            if rows_left > 0 and p.greedy and not p.logprobs and seq.num_generated >= p.min_tokens:
+                limit = min(rows_left, p.max_tokens - seq.num_generated - 1)
+                draft = self.proposer.propose(seq.tokens, limit)
+                if draft and self.blocks.can_ensure(seq, len(seq) + len(draft)):
+                    self.blocks.ensure(seq, len(seq) + len(draft))
+                    rows_left -= len(draft)
+                    any_draft = True
+                else:
+                    draft = []
+            drafts.append(draft)
+        return drafts if any_draft else None
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq)
@@ -97,16 +129,20 @@ class Scheduler:
         self.preemptions += 1
 
     def finish_step(self, batch: Batch) -> None:
-        """Advance what was computed; prompts that completed join the running batch."""
+        """Advance what was computed, once the step's tokens are appended; prompts that completed
+        join the running batch. A decode step leaves every token but the newest with KV (a rejected
+        draft's KV is overwritten later: it lies past the sequence's length)."""
+        page = self.blocks.page_size
         for i, seq in enumerate(batch.seqs):
-            seq.num_computed += batch.num_tokens[i]
             if seq.is_finished:
                 continue
+            before = seq.num_computed
+            seq.num_computed = before + batch.num_tokens[i] if batch.is_prefill else len(seq) - 1
             if batch.is_prefill and not seq.in_prefill:
                 self.waiting.remove(seq)
                 seq.status = Status.RUNNING
                 self.running.append(seq)
-            if batch.is_prefill or seq.num_computed % self.blocks.page_size == 0:
+            if batch.is_prefill or seq.num_computed // page > before // page:
                 self.blocks.publish(seq)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
