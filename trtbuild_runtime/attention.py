@@ -10,6 +10,10 @@ Three ways to attend, chosen per step:
 - a prefill that continues a sequence (a chunk of a long prompt, a prefix taken from the cache):
   the context is gathered from the pool and masked (`paged_attention_reference`);
 - a decode step (one token per sequence): the Triton kernel on CUDA, the same reference on CPU.
+
+An FP8 pool (`kv_cache_dtype="fp8"`) stores K / k_scale and V / v_scale in e4m3 (half the bytes of
+16-bit pages) and every reader multiplies the scale back; the step's own prompt attends to its
+unquantized K/V, as TensorRT-LLM's context phase does.
 """
 
 from __future__ import annotations
@@ -47,10 +51,26 @@ def get_context() -> StepContext:
     return _context
 
 
-def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+FP8 = torch.float8_e4m3fn
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     blocks, page, heads, dim = k_cache.shape
+    if k_cache.dtype == FP8:  # copied as bytes: index_copy_ has no float8 kernels
+        k, v = (k.float() / k_scale).to(FP8).view(torch.uint8), (v.float() / v_scale).to(FP8).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_cache.view(blocks * page, heads, dim).index_copy_(0, slots, k)
     v_cache.view(blocks * page, heads, dim).index_copy_(0, slots, v)
+
+
+def gather_pages(cache: torch.Tensor, block_tables: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """[seqs, blocks * page, kv_heads, dim] in `dtype`: each sequence's pages in order, dequantized."""
+    seqs = block_tables.shape[0]
+    if cache.dtype != FP8:
+        return cache[block_tables.long()].reshape(seqs, -1, *cache.shape[2:])
+    pages = cache.view(torch.uint8)[block_tables.long()].view(FP8)
+    return (pages.to(torch.float32) * scale).to(dtype).reshape(seqs, -1, *cache.shape[2:])
 
 
 def _pad(x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -78,15 +98,16 @@ def causal_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepC
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                              context_lens: torch.Tensor, query_starts: torch.Tensor, scale: float) -> torch.Tensor:
+                              context_lens: torch.Tensor, query_starts: torch.Tensor, scale: float,
+                              k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q [seqs, queries, H, D] at positions query_starts + i, against each sequence's pooled context.
 
     Query i of a sequence sees keys 0 .. query_starts + i (causal) and none at or past its context length.
     """
     seqs, queries, heads, dim = q.shape
     page, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    keys = k_cache[block_tables.long()].reshape(seqs, -1, kv_heads, dim).transpose(1, 2)
-    values = v_cache[block_tables.long()].reshape(seqs, -1, kv_heads, dim).transpose(1, 2)
+    keys = gather_pages(k_cache, block_tables, k_scale, q.dtype).transpose(1, 2)
+    values = gather_pages(v_cache, block_tables, v_scale, q.dtype).transpose(1, 2)
     if heads != kv_heads:
         keys, values = keys.repeat_interleave(heads // kv_heads, 1), values.repeat_interleave(heads // kv_heads, 1)
     key_pos = torch.arange(keys.shape[2], device=q.device)
@@ -97,27 +118,32 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return out.transpose(1, 2)
 
 
-def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: StepContext, scale: float) -> torch.Tensor:
-    out = paged_attention_reference(_pad(q, ctx), k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_starts, scale)
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: StepContext, scale: float,
+                  k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    out = paged_attention_reference(_pad(q, ctx), k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_starts,
+                                    scale, k_scale, v_scale)
     return _unpad(out, ctx)
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: StepContext, scale: float) -> torch.Tensor:
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: StepContext, scale: float,
+                 k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """One query per sequence: q [seqs, H, D]."""
     if q.is_cuda:
         from trtbuild_runtime.kernels import paged_decode_attention
 
-        return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
+        return paged_decode_attention(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, k_scale, v_scale)
     starts = (ctx.context_lens - 1).clamp(min=0).long()
-    return paged_attention_reference(q.unsqueeze(1), k_cache, v_cache, ctx.block_tables, ctx.context_lens, starts, scale).squeeze(1)
+    return paged_attention_reference(q.unsqueeze(1), k_cache, v_cache, ctx.block_tables, ctx.context_lens, starts, scale,
+                                     k_scale, v_scale).squeeze(1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+           k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Store this step's K/V in the pool and attend; q/k/v are [tokens, heads, head_dim]."""
     ctx = get_context()
-    store_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
+    store_kv(k_cache, v_cache, k, v, ctx.slot_mapping, k_scale, v_scale)
     if not ctx.is_prefill:
-        return paged_decode(q, k_cache, v_cache, ctx, scale)
+        return paged_decode(q, k_cache, v_cache, ctx, scale, k_scale, v_scale)
     if ctx.fresh:
         return causal_prefill(q, k, v, ctx, scale)
-    return paged_prefill(q, k_cache, v_cache, ctx, scale)
+    return paged_prefill(q, k_cache, v_cache, ctx, scale, k_scale, v_scale)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-QUANTIZATIONS = ("none", "fp8", "int4_wo")
+QUANTIZATIONS = ("none", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 SPECULATIVE_MODES = ("none", "ngram")
 
@@ -31,7 +31,7 @@ class EngineConfig:
     enable_prefix_caching: bool = False
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
-    quantization: str = "none"  # weights: none, fp8 (e4m3, per-channel scales), int4_wo (group-wise, weight-only)
+    quantization: str = "none"  # weights and activations: none, fp8 (e4m3, per-channel weight, per-token activation scales)
     kv_cache_dtype: str = "auto"  # auto (the model dtype), fp8 (e4m3 pages, one scale per layer)
     speculative: str = "none"  # none, ngram (prompt lookup)
     num_speculative_tokens: int = 4  # draft tokens verified per step (TensorRT-LLM's max_draft_len)
@@ -66,15 +66,24 @@ def read_hf_config(model: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def checkpoint_quantization(config: dict) -> str:
+    """'fp8' for a ModelOpt FP8 checkpoint (`trtbuild quantize --precision fp8 --format hf`), else 'none'."""
+    q = config.get("quantization_config")
+    if not q:
+        return "none"
+    method, algo = q.get("quant_method", "?"), q.get("quant_algo")
+    if method == "modelopt" and algo == "FP8":
+        return "fp8"
+    raise UnsupportedModel(f"a pre-quantized checkpoint (quantization_config {method} {algo or ''}; the engine runs ModelOpt FP8)")
+
+
 def check_supported(model: str | Path, max_model_len: int | None = None) -> dict:
     """The checkpoint's config.json if this engine can run it; UnsupportedModel says why not."""
     config = read_hf_config(model)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModel(f"model_type '{model_type}' (the engine runs {', '.join(SUPPORTED_MODEL_TYPES)})")
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "?")
-        raise UnsupportedModel(f"a pre-quantized checkpoint (quantization_config {method})")
+    checkpoint_quantization(config)
     if config.get("hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"hidden_act '{config.get('hidden_act')}'")
     if config.get("mlp_bias"):

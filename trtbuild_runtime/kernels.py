@@ -15,10 +15,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _paged_decode(Q, K, V, O, block_tables, context_lens, scale,
+def _paged_decode(Q, K, V, O, block_tables, context_lens, scale, k_scale, v_scale,
                   stride_qs, stride_qh, stride_kb, stride_kp, stride_kh, stride_os, stride_oh, stride_bt,
                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-                  PAGE: tl.constexpr):
+                  PAGE: tl.constexpr, KV_FP8: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     length = tl.load(context_lens + seq)
@@ -36,6 +36,8 @@ def _paged_decode(Q, K, V, O, block_tables, context_lens, scale,
         block = tl.load(block_tables + seq * stride_bt + i).to(tl.int64)
         offsets = block * stride_kb + p[:, None] * stride_kp + kv_head * stride_kh + d[None, :]
         k = tl.load(K + offsets, mask=d_ok[None, :], other=0.0)
+        if KV_FP8:
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
         s = tl.dot(q, tl.trans(k)) * scale
         s = tl.where(((i * PAGE + p) < length)[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -43,6 +45,8 @@ def _paged_decode(Q, K, V, O, block_tables, context_lens, scale,
         weights = tl.exp(s - m_new[:, None])
         total = total * alpha + tl.sum(weights, 1)
         v = tl.load(V + offsets, mask=d_ok[None, :], other=0.0)
+        if KV_FP8:
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v)
         m = m_new
     out = acc / tl.maximum(total, 1e-30)[:, None]
@@ -51,18 +55,19 @@ def _paged_decode(Q, K, V, O, block_tables, context_lens, scale,
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [seqs, heads, dim] against the pool [blocks, page, kv_heads, dim]; rows of length 0 give zeros."""
+                           context_lens: torch.Tensor, scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """q [seqs, heads, dim] against the pool [blocks, page, kv_heads, dim]; rows of length 0 give zeros.
+    An e4m3 pool is dequantized as it is read (K * k_scale, V * v_scale)."""
     seqs, heads, dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
     q = q.contiguous()
     out = torch.empty_like(q)
     _paged_decode[(seqs, kv_heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens, scale,
+        q, k_cache, v_cache, out, block_tables, context_lens, scale, k_scale, v_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, DIM_PAD=max(16, triton.next_power_of_2(dim)),
-        PAGE=page, num_warps=4, num_stages=2,
+        PAGE=page, KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4, num_stages=2,
     )
     return out

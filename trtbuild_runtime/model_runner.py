@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from trtbuild_runtime import attention
-from trtbuild_runtime.config import EngineConfig
+from trtbuild_runtime.config import EngineConfig, checkpoint_quantization
 from trtbuild_runtime.models import load_model
 from trtbuild_runtime.sampler import SamplingTensors, sample
 from trtbuild_runtime.scheduler import Batch
@@ -49,6 +49,32 @@ def resolve_dtype(dtype: str, hf_config: dict, device: torch.device) -> torch.dt
     return DTYPES[dtype]
 
 
+def _fp8_capable(device: torch.device) -> bool:
+    """FP8 GEMMs need compute capability 8.9 (Ada, Hopper) or later; torch runs them on CPU too."""
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def resolve_quantization(requested: str, hf_config: dict, device: torch.device) -> str:
+    """The checkpoint's own quantization wins over "none"; FP8 is refused where it cannot run."""
+    stored = checkpoint_quantization(hf_config)
+    quantization = stored if requested == "none" else requested
+    if stored != "none" and quantization != stored:
+        raise ValueError(f"the checkpoint is quantized {stored}; it cannot run as {quantization}")
+    if quantization == "fp8" and not _fp8_capable(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"FP8 needs compute capability 8.9 or later; {torch.cuda.get_device_name(device)} is {major}.{minor}")
+    return quantization
+
+
+def resolve_kv_dtype(requested: str, hf_config: dict, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """auto: e4m3 when the checkpoint carries calibrated FP8 KV scales, else the model dtype."""
+    q = hf_config.get("quantization_config") or {}
+    fp8 = requested == "fp8" or (requested == "auto" and (q.get("kv_cache_scheme") or {}).get("type") == "float")
+    if fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError("an FP8 KV cache needs compute capability 8.9 or later")
+    return torch.float8_e4m3fn if fp8 else dtype
+
+
 def available_ram() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -68,14 +94,16 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
         torch.manual_seed(config.seed)
-        self.model = load_model(config.model, self.dtype, self.device, config.max_model_len)
+        self.quantization = resolve_quantization(config.quantization, hf_config, self.device)
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, hf_config, self.dtype, self.device)
+        self.model = load_model(config.model, self.dtype, self.device, config.max_model_len, self.quantization)
         self.vocab_size = self.model.vocab_size
         first = self.model.layers[0].attn
         self.kv_heads, self.head_dim, self.num_layers = first.kv_heads, first.head_dim, len(self.model.layers)
         self.page = config.page_size
         self.num_blocks = self._size_pool()
         shape = (self.num_layers, 2, self.num_blocks + 1, self.page, self.kv_heads, self.head_dim)
-        self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.attn.k_cache, layer.attn.v_cache = self.kv[i, 0], self.kv[i, 1]
         self.trash_slot = self.num_blocks * self.page
@@ -86,7 +114,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ memory
     @property
     def block_bytes(self) -> int:
-        return 2 * self.num_layers * self.page * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.page * self.kv_heads * self.head_dim * self.kv_dtype.itemsize
 
     def _size_pool(self) -> int:
         c = self.config
@@ -121,7 +149,7 @@ class ModelRunner:
         seqs = max(1, tokens // length)
         ids = torch.zeros(seqs * length, dtype=torch.long, device=self.device)
         positions = torch.arange(length, device=self.device).repeat(seqs)
-        scratch = torch.zeros(2, 1, self.page, self.kv_heads, self.head_dim, dtype=self.dtype, device=self.device)
+        scratch = torch.zeros(2, 1, self.page, self.kv_heads, self.head_dim, dtype=self.kv_dtype, device=self.device)
         for layer in self.model.layers:
             layer.attn.k_cache, layer.attn.v_cache = scratch[0], scratch[1]
         attention.set_context(attention.StepContext(True, torch.zeros_like(ids), fresh=True, num_seqs=seqs, max_query_len=length))

@@ -16,19 +16,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from trtbuild_runtime.attention import attend
+from trtbuild_runtime.quantization import rms_norm, silu_mul
 
 
 class RMSNorm(nn.Module):
+    """One fused kernel on CUDA; `quantize_output` (FP8 layers) makes it emit e4m3 for the next GEMM."""
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.quantize_output = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor):
+        return rms_norm(x, self.weight, self.eps, self.quantize_output)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -51,8 +52,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, c["rms_norm_eps"]) if qk_norm else None
         self.scale = self.head_dim ** -0.5
         self.k_cache = self.v_cache = None  # views into the runner's pool
+        self.k_scale = self.v_scale = 1.0  # FP8 KV pages hold K / k_scale and V / v_scale
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(-1, self.heads, self.head_dim)
         k = k.view(-1, self.kv_heads, self.head_dim)
@@ -60,7 +62,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        out = attend(q, k, v, self.k_cache, self.v_cache, self.scale)
+        out = attend(q, k, v, self.k_cache, self.v_cache, self.scale, self.k_scale, self.v_scale)
         return self.o(out.reshape(-1, self.q_size))
 
 
@@ -70,10 +72,10 @@ class MLP(nn.Module):
         self.inter = c["intermediate_size"]
         self.gate_up = nn.Linear(c["hidden_size"], 2 * self.inter, bias=False)
         self.down = nn.Linear(self.inter, c["hidden_size"], bias=False)
+        self.quantize_activation = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.inter, dim=-1)
-        return self.down(F.silu(gate) * up)
+    def forward(self, x) -> torch.Tensor:
+        return self.down(silu_mul(self.gate_up(x), self.quantize_activation))
 
 
 class DecoderLayer(nn.Module):
@@ -168,10 +170,21 @@ def _target(model: LlamaForCausalLM, name: str):
     return None, None
 
 
-def load_model(checkpoint: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
-    """Build the network without allocating twice and fill it straight from the safetensors files."""
+SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")
+
+
+def load_model(checkpoint: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
+               quantization: str = "none") -> LlamaForCausalLM:
+    """Build the network without allocating twice and fill it straight from the safetensors files.
+
+    A ModelOpt FP8 checkpoint's e4m3 weights are dequantized into the merged 16-bit matrices and
+    re-quantized onto the same grid by `quantize_fp8` (their per-tensor scales become per-channel
+    ones); its calibrated KV scales (`k_proj.k_scale`, `v_proj.v_scale`) land on each layer's attention.
+    """
     from safetensors import safe_open
     from transformers import AutoConfig
+
+    from trtbuild_runtime.quantization import quantize_fp8
 
     checkpoint = Path(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
@@ -180,10 +193,18 @@ def load_model(checkpoint: str | Path, dtype: torch.dtype, device: torch.device,
     model = model.to_empty(device=device).to(dtype)
     expected = {id(p): n for n, p in model.named_parameters()}
     filled: set[int] = set()
+    files = sorted(checkpoint.glob("*.safetensors"))
+    scales: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            scales.update({name: f.get_tensor(name) for name in f.keys() if name.endswith(SCALE_SUFFIXES)})
+    channel_scales: dict[int, torch.Tensor] = {}  # id(16-bit weight) -> per-row scale of its e4m3 source
     with torch.no_grad():
-        for file in sorted(checkpoint.glob("*.safetensors")):
+        for file in files:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
+                    if name.endswith(SCALE_SUFFIXES):
+                        continue
                     param, part = _target(model, name)
                     if param is None:
                         continue
@@ -191,10 +212,25 @@ def load_model(checkpoint: str | Path, dtype: torch.dtype, device: torch.device,
                     target = param if part is None else param[part]
                     if target.shape != tensor.shape:
                         raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, the config says {tuple(target.shape)}")
+                    if tensor.dtype == torch.float8_e4m3fn:
+                        scale = scales.get(name.removesuffix("weight") + "weight_scale")
+                        if scale is None:
+                            raise ValueError(f"{file.name}: {name} is float8_e4m3fn but has no weight_scale")
+                        tensor = tensor.float() * scale.float()
+                        rows = channel_scales.setdefault(id(param), torch.ones(param.shape[0]))
+                        rows[part if part is not None else slice(None)] = scale.float().expand(tensor.shape[0])
                     target.copy_(tensor)
                     filled.add(id(param))
     missing = [n for i, n in expected.items() if i not in filled]
     if missing:
         raise ValueError(f"{checkpoint}: the safetensors files lack {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    for i, layer in enumerate(model.layers):
+        prefix = f"model.layers.{i}.self_attn."
+        layer.attn.k_scale = float(scales.get(prefix + "k_proj.k_scale", torch.tensor(1.0)))
+        layer.attn.v_scale = float(scales.get(prefix + "v_proj.v_scale", torch.tensor(1.0)))
     model.set_rope(AutoConfig.from_pretrained(checkpoint), max_positions)
+    if channel_scales and quantization != "fp8":
+        raise ValueError(f"{checkpoint} holds FP8 weights: run it with quantization fp8")
+    if quantization == "fp8":
+        quantize_fp8(model, {i: s.to(device) for i, s in channel_scales.items()})
     return model.eval()
