@@ -19,12 +19,15 @@ picks += ["protobuf-*"] if older("protobuf", (6, 30)) else []
 print(" ".join(f for p in picks for f in glob.glob(f"{d}/{p}.whl")))
 PY
 )
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $wheels
+# a run of the runtime stages only may carry just .gpu/tokenizer: what is absent is skipped
+if [ -n "$wheels" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE $wheels; fi
 export PYTHONPATH=$PWD:$SITE
-if [ ! -d /tmp/triton/pytriton ]; then mkdir -p /tmp/triton && tar -xJf $GPU_DIR/tritonserver-*.tar.xz -C /tmp/triton; fi
+if [ ! -d /tmp/triton/pytriton ] && ls $GPU_DIR/tritonserver-*.tar.xz >/dev/null 2>&1; then
+  mkdir -p /tmp/triton && tar -xJf $GPU_DIR/tritonserver-*.tar.xz -C /tmp/triton
+fi
 export TRTBUILD_PYTRITON_ROOT=/tmp/triton
 # numpy<2 environment for the text (BYTES) models; every other package from the interpreter's own site-packages
-if [ ! -f /tmp/textenv/.ready ]; then
+if [ ! -f /tmp/textenv/.ready ] && ls $GPU_DIR/whl/numpy-1.26*.whl >/dev/null 2>&1; then
   rm -rf /tmp/textenv && python3 -m venv /tmp/textenv
   /tmp/textenv/bin/python -m pip install -q --no-index --no-deps --no-compile $GPU_DIR/whl/numpy-1.26*.whl
   python3 -c "import site; print(site.getsitepackages()[0])" > "$(/tmp/textenv/bin/python -c 'import site; print(site.getsitepackages()[0])')/zz-system.pth"

@@ -10,6 +10,13 @@ killed at its time limit keeps what it measured):
                host time per step (profile_*.json is the Chrome trace);
   triton       the generated repository behind the real tritonserver: ensemble and llm_bls,
                gRPC streaming, `trtbuild bench` (requests per point: max(2 x N, 16));
+  kernels      the FP8 producer kernels and the e4m3 decode kernel against their torch twins, on the GPU;
+  quant        the engine with FP8 weights/activations, an FP8 KV cache and both, at the same loads
+               as `engine` (BF16) in the same run: tok/s, KV bytes per token, weight bytes;
+  prefix       prefix caching: 8 requests alone in turn sharing a 1,024-token system prompt, TTFT
+               of the first (cold) vs the later ones, with the cache on and off;
+  smollm2      with --smollm2 DIR (the trained model): prompt-lookup speculation at 1 stream and the
+               perplexity of each quantized mode (bench/speculative.py, bench/quantized.py);
   hf_compiled  `generate` with cache_implementation="static" (torch.compile), the stronger
                baseline; last, because compiling costs minutes.
 Every row carries its fraction of the physical bound: bytes a decode step must read (weights +
@@ -38,9 +45,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from builder.checkpoint import load_model_spec  # noqa: E402
-from builder.repository import generate as generate_repository  # noqa: E402
-from builder.server import TritonServer  # noqa: E402
-from builder.spec import BuildSpec, KVCacheSpec  # noqa: E402
 from trtbuild_runtime import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
 PRESETS = {
@@ -249,7 +253,8 @@ def agreement(suite: Suite, engine: LLMEngine, hf, device: str, count: int, in_l
     return result
 
 
-def profile_decode(suite: Suite, engine: LLMEngine, concurrencies: list[int], in_len: int, out_len: int, out: Path) -> None:
+def profile_decode(suite: Suite, engine: LLMEngine, concurrencies: list[int], in_len: int, out_len: int, out: Path,
+                   label: str = "") -> None:
     """Per decode step: wall time, GPU kernel time (profiler), and what is left: host time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -274,7 +279,7 @@ def profile_decode(suite: Suite, engine: LLMEngine, concurrencies: list[int], in
         events = prof.key_averages()
         gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / steps
         top = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:8]
-        trace = out / f"profile_decode_{c}.json"
+        trace = out / f"profile_decode{label and '_' + label}_{c}.json"
         prof.export_chrome_trace(str(trace))
         results[c] = {"step_ms": wall * 1e3, "gpu_kernel_ms": gpu_us / 1e3, "host_ms": wall * 1e3 - gpu_us / 1e3,
                       "gpu_share": gpu_us / 1e3 / (wall * 1e3), "trace": trace.name,
@@ -285,13 +290,170 @@ def profile_decode(suite: Suite, engine: LLMEngine, concurrencies: list[int], in
             print(f"        {ms:7.3f} ms  {name}", flush=True)
         for rid in list(engine.seqs):
             engine.abort(rid)
-    suite.report["profile"] = results
+    suite.report["profile" + (label and "_" + label)] = results
+
+
+# ---------------------------------------------------------------------- quantized modes
+QUANT_MODES = {"fp8": dict(quantization="fp8"), "fp8-tensorwise": dict(quantization="fp8", fp8_gemm="tensorwise"),
+               "kv-fp8": dict(kv_cache_dtype="fp8"),
+               "fp8+kv-fp8": dict(quantization="fp8", kv_cache_dtype="fp8")}
+
+
+def kernel_parity(suite: Suite) -> dict:
+    """The Triton producers of e4m3 activations and the e4m3 decode kernel against torch, in bf16 on the GPU."""
+    from trtbuild_runtime import attention, quant_kernels
+    from trtbuild_runtime.kernels import paged_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(256, 2048, generator=g, device="cuda") * 3).bfloat16()
+    w = (torch.rand(2048, generator=g, device="cuda") + 0.5).bfloat16()
+    gu = torch.randn(256, 2 * 8192, generator=g, device="cuda").bfloat16()
+    h = x.float()
+    normed = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)  # transformers' formula
+    gate, up = gu.chunk(2, dim=-1)
+    activated = torch.nn.functional.silu(gate) * up
+
+    def e4m3(v: torch.Tensor):
+        scale = v.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448.0
+        return (v.float() / scale).to(torch.float8_e4m3fn), scale
+
+    out = {"rms_norm_bf16_exact": bool(torch.equal(quant_kernels.rms_norm(x, w, 1e-5, False), normed))}
+    for name, (q, scale), source in (("rms_norm_fp8", quant_kernels.rms_norm(x, w, 1e-5, True), normed),
+                                     ("silu_mul_fp8", quant_kernels.silu_mul_quant(gu), activated),
+                                     ("quantize_rows_fp8", quant_kernels.quantize_rows(x), x)):
+        want, want_scale = e4m3(source)
+        out[f"{name}_code_mismatch"] = (q.float() != want.float()).float().mean().item()
+        out[f"{name}_scale_max_rel_err"] = ((scale - want_scale).abs() / want_scale).max().item()
+    k_pool = (torch.randn(64, 32, 8, 64, generator=g, device="cuda") * 2).to(torch.float8_e4m3fn)
+    v_pool = (torch.randn(64, 32, 8, 64, generator=g, device="cuda") * 2).to(torch.float8_e4m3fn)
+    tables = torch.randint(0, 64, (16, 8), generator=g, device="cuda", dtype=torch.int32)
+    lens = torch.randint(1, 256, (16,), generator=g, device="cuda", dtype=torch.int32)
+    q = torch.randn(16, 32, 64, generator=g, device="cuda").bfloat16()
+    kernel = paged_decode_attention(q, k_pool, v_pool, tables, lens, 0.125, 0.5, 0.25).float()
+    reference = attention.paged_attention_reference(q.unsqueeze(1), k_pool, v_pool, tables, lens, (lens - 1).long(), 0.125,
+                                                    0.5, 0.25).squeeze(1).float()
+    out["decode_fp8_max_abs_err"] = (kernel - reference).abs().max().item()
+    print("  " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()), flush=True)
+    suite.report["kernels"] = out
+    return out
+
+
+def gemm_bench(suite: Suite, hidden: int, inter: int, q_size: int, kv_size: int) -> dict:
+    """The decode GEMMs of the model at each batch: BF16, FP8 row-wise scaled, FP8 unit-scale + epilogue."""
+    from trtbuild_runtime.quantization import Fp8Linear, quantize_rows
+
+    shapes = {"qkv": (hidden, q_size + 2 * kv_size), "o": (q_size, hidden), "gate_up": (hidden, 2 * inter), "down": (inter, hidden)}
+    results = {}
+
+    def timed(fn, n=50) -> float:
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / n * 1e3  # us
+
+    for m in (1, 16, 64, 256):
+        row = {}
+        for name, (k, n) in shapes.items():
+            linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xq = quantize_rows(x)
+            rowwise, tensorwise = Fp8Linear.from_linear(linear, gemm="rowwise"), Fp8Linear.from_linear(linear, gemm="tensorwise")
+            with torch.no_grad():
+                row[name] = {"bf16_us": timed(lambda: linear(x)), "fp8_rowwise_us": timed(lambda: rowwise(xq)),
+                             "fp8_tensorwise_us": timed(lambda: tensorwise(xq))}
+        results[m] = row
+        total = {k: sum(r[k] for r in row.values()) for k in ("bf16_us", "fp8_rowwise_us", "fp8_tensorwise_us")}
+        print(f"  M={m:>4}: one layer's GEMMs bf16 {total['bf16_us']:.1f} us, fp8 row-wise {total['fp8_rowwise_us']:.1f} us, "
+              f"fp8 unit+epilogue {total['fp8_tensorwise_us']:.1f} us   "
+              + "  ".join(f"{n} {r['bf16_us']:.0f}/{r['fp8_rowwise_us']:.0f}/{r['fp8_tensorwise_us']:.0f}" for n, r in row.items()), flush=True)
+    suite.report["gemm"] = results
+    return results
+
+
+def quantized_engines(suite: Suite, checkpoint: Path, dtype: str, device: str, concurrencies: list[int], in_len: int,
+                      out_len: int, per_point, modes: list[str], out: Path) -> None:
+    """Each quantized mode at the BF16 `engine` stage's loads: same prompts, same requests per point."""
+    from trtbuild_runtime.quantization import weight_bytes
+
+    info = suite.report.setdefault("quant", {})
+    for mode in modes:
+        t = time.time()
+        engine = LLMEngine(engine_config(checkpoint, dtype, device, max(concurrencies), in_len + out_len + 16, **QUANT_MODES[mode]))
+        r = engine.runner
+        info[mode] = {"start_s": round(time.time() - t, 1), "num_blocks": r.num_blocks, "kv_bytes_per_token": r.block_bytes // r.page,
+                      "weight_bytes": weight_bytes(r.model)}
+        print(f"  {mode}: ready in {info[mode]['start_s']} s, {r.num_blocks} KV blocks, KV {info[mode]['kv_bytes_per_token']} B/token, "
+              f"weights {info[mode]['weight_bytes'] / 2**30:.2f} GiB", flush=True)
+        closed_loop(engine, 2, 4, in_len, out_len, seed=999)
+        for c in concurrencies:
+            res = closed_loop(engine, c, per_point(c), in_len, out_len, seed=c)
+            suite.add(Row(f"runtime {mode}", c, res["tokens"] / res["elapsed"], per_point(c), _p(res["ttft"], 50), _p(res["ttft"], 99),
+                          statistics.median(res["itl"]), statistics.median(res["latency"])))
+        suite.save()
+        if mode == "fp8":
+            profile_decode(suite, engine, [c for c in (64, 256) if c <= max(concurrencies)] or [max(concurrencies)],
+                           in_len, out_len, out, label="fp8")
+        del engine, r
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def prefix_cache(suite: Suite, checkpoint: Path, dtype: str, device: str, system_len: int = 1024, requests: int = 8) -> dict:
+    """TTFT of requests sent one at a time that share a system prompt: the first computes it, the rest reuse it."""
+    results = {}
+    for reuse in (True, False):
+        engine = LLMEngine(engine_config(checkpoint, dtype, device, 8, system_len + 64, enable_prefix_caching=reuse))
+        vocab = engine.vocab_size
+        system = prompts(vocab, 1, system_len, seed=77)[0]
+        # warm-up at the same length, nothing shared: the first request must not pay for kernel selection
+        engine.generate([prompts(vocab, 1, system_len + 16, seed=5)[0]], SamplingParams(max_tokens=2, top_k=1))
+        ttfts, tokens = [], []
+        for i in range(requests):
+            ids = system + prompts(vocab, 1, 16, seed=100 + i)[0]
+            start = time.perf_counter()
+            engine.add_request(f"p{i}", ids, SamplingParams(max_tokens=8, top_k=1, ignore_eos=True))
+            first = None
+            while engine.has_work():
+                for out in engine.step():
+                    if first is None and out.generated_tokens:
+                        _sync()
+                        first = time.perf_counter() - start
+                    if out.is_finished():
+                        tokens.append(out.generated_tokens)
+            ttfts.append(first * 1e3)
+        later = statistics.median(ttfts[1:])
+        results["on" if reuse else "off"] = {"ttft_ms": ttfts, "first_ms": ttfts[0], "later_median_ms": later,
+                                             "first_over_later": ttfts[0] / later, "hit_rate": engine.blocks.hit_rate,
+                                             "tokens": tokens}
+        print(f"  prefix caching {'on ' if reuse else 'off'}: TTFT first {ttfts[0]:.1f} ms, later median {later:.1f} ms "
+              f"({ttfts[0] / later:.1f}x), hit rate {engine.blocks.hit_rate:.1%}", flush=True)
+        del engine
+        gc.collect()
+    results["same_tokens_on_and_off"] = results["on"].pop("tokens") == results["off"].pop("tokens")
+    print(f"  greedy tokens with the cache on == off: {results['same_tokens_on_and_off']}", flush=True)
+    suite.report["prefix"] = results
+    return results
+
+
+def smollm2(suite: Suite, checkpoint: Path, device: str, dtype: str) -> None:
+    from bench import quantized, speculative
+
+    suite.report["speculative"] = speculative.run(checkpoint, device, dtype, 6, 128, [2, 4, 6], log=lambda m: print("  " + m, flush=True))
+    suite.save()
+    suite.report["perplexity"] = quantized.run(checkpoint, device, dtype, list(quantized.MODES), log=lambda m: print("  " + m, flush=True))
 
 
 # ---------------------------------------------------------------------- through Triton
 def through_triton(suite: Suite, checkpoint: Path, device: str, dtype: str, concurrencies: list[int], in_len: int,
                    out_len: int, models: list[str], out: Path, per_point, stream_interval_ms: float = 0.0) -> None:
     """gRPC streaming through every served path; HTTP generate_stream through the ensemble at the first load."""
+    from builder.repository import generate as generate_repository  # tritonclient: only this stage needs it
+    from builder.server import TritonServer
+    from builder.spec import BuildSpec, KVCacheSpec
     from clients.bench import BenchConfig, run_benchmark
     from clients.loadgen import LoadPoint
     from clients.prompts import LengthDistribution
@@ -362,6 +524,23 @@ def goals(rows: list[Row], report: dict) -> dict:
             served, direct = tps(f"Triton {model}", c), tps(ours, c)
             if served and direct:
                 out[f"triton_{model}_{c}_vs_direct"] = {"value": served / direct, "goal": 0.9, "met": served / direct >= 0.9}
+    for mode in QUANT_MODES:
+        for c in (1, 64, 256):
+            quant, base = tps(f"runtime {mode}", c), tps(ours, c)
+            if quant and base:
+                goal = 1.3 if mode.startswith("fp8") and c > 1 else 1.0
+                out[f"{mode}_{c}_vs_bf16"] = {"value": quant / base, "goal": goal, "met": quant / base >= goal}
+    kv = report.get("quant", {}).get("kv-fp8")
+    if kv and report.get("engine", {}).get("kv_bytes_per_token"):
+        ratio = kv["kv_bytes_per_token"] / report["engine"]["kv_bytes_per_token"]
+        out["kv_fp8_bytes_ratio"] = {"value": ratio, "goal": 0.5, "met": ratio <= 0.5}
+    if report.get("prefix", {}).get("on"):
+        value = report["prefix"]["on"]["first_over_later"]
+        out["prefix_cache_ttft_first_over_later"] = {"value": value, "goal": 5.0, "met": value >= 5.0}
+    rows_spec = (report.get("speculative") or {}).get("rows") or []
+    best = max((r for r in rows_spec if r["mode"] == "ngram"), key=lambda r: r["speedup"], default=None)
+    if best:
+        out["speculative_1_stream_speedup"] = {"value": best["speedup"], "goal": 1.5, "met": best["speedup"] >= 1.5 and best["identical"]}
     if report.get("agreement"):
         value = report["agreement"]["teacher_forced_agreement"]
         out["teacher_forced_token_agreement"] = {"value": value, "goal": 0.99, "met": value >= 0.99}
@@ -425,6 +604,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stages", default="hf_static,engine,agreement,profile,triton,hf_compiled")
     ap.add_argument("--budget-s", type=float, default=540, help="the compiled baseline is skipped when less than 150 s is left")
     ap.add_argument("--quick", action="store_true", help="a 3-minute subset: no compiled baseline, fewer points")
+    ap.add_argument("--quant-modes", default=",".join(QUANT_MODES))
+    ap.add_argument("--quant-concurrency", default="1,64,256")
+    ap.add_argument("--smollm2", type=Path, help="a SmolLM2 checkpoint directory for the smollm2 stage")
     args = ap.parse_args(argv)
     if args.quick:
         args.static_batches, args.concurrency, args.triton_concurrency = "1,64", "1,64,256", "64"
@@ -470,7 +652,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                              max(concurrencies), in_len + out_len + 16)))
         if engine is not None:
             report["engine"] = {"start_s": round(time.time() - t, 1), "num_blocks": engine.runner.num_blocks,
-                                "cuda_graphs": sorted(engine.runner.graphs)}
+                                "cuda_graphs": sorted(engine.runner.graphs),
+                                "kv_bytes_per_token": engine.runner.block_bytes // engine.runner.page}
             print(f"  engine ready in {time.time() - t:.1f} s: {engine.runner.num_blocks} KV blocks, graphs {sorted(engine.runner.graphs)}", flush=True)
     if engine is not None:
         if "engine" in stages:
@@ -484,6 +667,20 @@ def main(argv: list[str] | None = None) -> dict:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if "kernels" in stages and args.device == "cuda":
+        suite.stage("kernels", lambda: kernel_parity(suite))
+    if "gemm" in stages and args.device == "cuda":
+        p = PRESETS[args.preset]
+        head = p["hidden_size"] // p["num_attention_heads"]
+        suite.stage("gemm", lambda: gemm_bench(suite, p["hidden_size"], p["intermediate_size"], p["hidden_size"],
+                                               p["num_key_value_heads"] * head))
+    if "quant" in stages:
+        suite.stage("quant", lambda: quantized_engines(suite, checkpoint, args.dtype, args.device, ints(args.quant_concurrency),
+                                                       in_len, out_len, lambda c: max(4 * c, 16), args.quant_modes.split(","), out))
+    if "prefix" in stages:
+        suite.stage("prefix", lambda: prefix_cache(suite, checkpoint, args.dtype, args.device))
+    if "smollm2" in stages and args.smollm2:
+        suite.stage("smollm2", lambda: smollm2(suite, args.smollm2, args.device, args.dtype))
     if "triton" in stages:
         suite.stage("triton", lambda: through_triton(suite, checkpoint, args.device, args.dtype, ints(args.triton_concurrency),
                                                      in_len, out_len, args.triton_models.split(","), out, lambda c: max(2 * c, 16),

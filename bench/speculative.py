@@ -78,7 +78,8 @@ def run(checkpoint: Path, device: str, dtype: str, count: int, max_tokens: int, 
     max_len = max(map(len, prompts)) + max_tokens + 8
 
     def engine(**kw) -> LLMEngine:
-        return LLMEngine(EngineConfig(str(checkpoint), dtype=dtype, device=device, max_num_seqs=8, max_model_len=max_len, **kw))
+        return LLMEngine(EngineConfig(str(checkpoint), dtype=dtype, device=device, max_num_seqs=8, max_model_len=max_len,
+                                      gpu_memory_fraction=0.2, **kw))
 
     base = one_stream(engine(), prompts, max_tokens, eos, device)
     rows = [{"mode": "plain", "draft_len": 0, "tok_s": base["tok_s"], "speedup": 1.0, "acceptance_rate": None,
@@ -93,6 +94,7 @@ def run(checkpoint: Path, device: str, dtype: str, count: int, max_tokens: int, 
                      "identical": same, "tokens": got["tokens"]})
         log(f"ngram k={k}: {got['tok_s']:.1f} tok/s ({rows[-1]['speedup']:.2f}x), acceptance "
             f"{e.speculation.acceptance_rate:.0%}, {e.speculation.tokens_per_step:.2f} tokens/step, identical={same}")
+        del e
     return {"checkpoint": str(checkpoint), "device": device, "dtype": dtype, "prompts": len(prompts),
             "max_tokens": max_tokens, "task": TASK.split(":")[0], "rows": rows}
 

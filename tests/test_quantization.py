@@ -153,6 +153,38 @@ def kernels_check() -> None:
     ctx = attention.StepContext(False, torch.zeros(3, dtype=torch.long), context_lens=lengths, block_tables=tables)
     ref = attention.paged_decode(q, k_pool, v_pool, ctx, dim ** -0.5, 0.5, 0.25)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # a continued prompt as decode rows (one per query token, its own context length) == the masked reference
+    starts = torch.tensor([12, 0], dtype=torch.int32)
+    counts = [6, 5]
+    token_tables = torch.repeat_interleave(tables[:2], torch.tensor(counts), dim=0)
+    token_lens = torch.cat([torch.arange(int(s0) + 1, int(s0) + n + 1) for s0, n in zip(starts, counts)]).int()
+    queries = torch.randn(sum(counts), heads, dim, generator=g)
+    rows = paged_decode_attention(queries, k_pool, v_pool, token_tables, token_lens, dim ** -0.5, 0.5, 0.25)
+    padded = torch.zeros(2, max(counts), heads, dim)
+    padded[0, :6], padded[1, :5] = queries[:6], queries[6:]
+    ref = attention.paged_attention_reference(padded, k_pool, v_pool, tables[:2], starts + torch.tensor(counts, dtype=torch.int32),
+                                              starts.long(), dim ** -0.5, 0.5, 0.25)
+    torch.testing.assert_close(rows, torch.cat([ref[0, :6], ref[1, :5]]), atol=1e-4, rtol=1e-4)
+    # K/V stored by one kernel launch == the torch path, for a 16-bit and an e4m3 pool
+    from trtbuild_runtime.kernels import store_kv
+
+    k_new, v_new = torch.randn(3, kv_heads, dim, generator=g), torch.randn(3, kv_heads, dim, generator=g)
+    slots = torch.tensor([5, 40, 17])
+    for dtype in (torch.float32, torch.float8_e4m3fn):
+        pools = [torch.zeros(5, page, kv_heads, dim, dtype=dtype) for _ in range(4)]
+        assert store_kv(pools[0], pools[1], k_new, v_new, slots, 0.5, 2.0)
+        attention.store_kv(pools[2], pools[3], k_new, v_new, slots, 0.5, 2.0)
+        for got, want in ((pools[0], pools[2]), (pools[1], pools[3])):
+            # the interpreter's e4m3 quirks (above; subnormals too) aside
+            magnitude = want.float().abs()
+            keep = (torch.frexp(magnitude.clamp(min=2**-9))[0] != 0.5) & (magnitude >= 2**-6)
+            if dtype != torch.float8_e4m3fn:
+                keep = torch.ones_like(keep)
+            torch.testing.assert_close(got.float()[keep], want.float()[keep], atol=0, rtol=0)
+    # the unit-scale GEMM's epilogue
+    y = torch.randn(5, 300, generator=g)
+    sx, sw, bias = torch.rand(5, 1, generator=g), torch.rand(1, 300, generator=g), torch.randn(300, generator=g)
+    torch.testing.assert_close(quant_kernels.scale_outer_(y.clone(), sx, sw, bias), y * sx * sw + bias)
     print("fp8 kernels == torch")
 
 

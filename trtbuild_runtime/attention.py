@@ -8,6 +8,7 @@ Three ways to attend, chosen per step:
 - a prefill of prompts that start at position 0 (nothing cached): the prompts are padded into one
   batch and run through SDPA with `is_causal` (the flash path on CUDA), never touching the pool;
 - a prefill that continues a sequence (a chunk of a long prompt, a prefix taken from the cache):
+  on CUDA, each query token is a decode-kernel row that sees its own position's context; on CPU
   the context is gathered from the pool and masked (`paged_attention_reference`);
 - a decode step (one token per sequence): the Triton kernel on CUDA, the same reference on CPU.
 
@@ -36,6 +37,8 @@ class StepContext:
     num_seqs: int = 0
     max_query_len: int = 0
     pad_index: torch.Tensor | None = None  # [tokens] int64 into [num_seqs * max_query_len]; None: no padding needed
+    token_tables: torch.Tensor | None = None  # CUDA paged prefill: [tokens, max_blocks] int32, each token's sequence's table
+    token_lens: torch.Tensor | None = None  # [tokens] int32: the context each token sees (its position + 1)
 
 
 _context: StepContext | None = None
@@ -57,6 +60,11 @@ FP8 = torch.float8_e4m3fn
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
              k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     blocks, page, heads, dim = k_cache.shape
+    if k.is_cuda:
+        from trtbuild_runtime.kernels import store_kv as store_kv_kernel
+
+        if store_kv_kernel(k_cache, v_cache, k, v, slots, k_scale, v_scale):
+            return
     if k_cache.dtype == FP8:  # copied as bytes: index_copy_ has no float8 kernels
         k, v = (k.float() / k_scale).to(FP8).view(torch.uint8), (v.float() / v_scale).to(FP8).view(torch.uint8)
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
@@ -120,6 +128,12 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: StepContext, scale: float,
                   k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """A continued prompt (a cached prefix, a later chunk). On CUDA every query token is a row of
+    the decode kernel with its own context length: causal by construction, and no gather of the pool."""
+    if q.is_cuda and ctx.token_tables is not None:
+        from trtbuild_runtime.kernels import paged_decode_attention
+
+        return paged_decode_attention(q, k_cache, v_cache, ctx.token_tables, ctx.token_lens, scale, k_scale, v_scale)
     out = paged_attention_reference(_pad(q, ctx), k_cache, v_cache, ctx.block_tables, ctx.context_lens, ctx.query_starts,
                                     scale, k_scale, v_scale)
     return _unpad(out, ctx)

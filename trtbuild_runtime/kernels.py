@@ -71,3 +71,34 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         PAGE=page, KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4, num_stages=2,
     )
     return out
+
+
+@triton.jit
+def _store_kv(K, V, KC, VC, slots, k_scale, v_scale, stride_k, stride_v, ROW: tl.constexpr, ROW_PAD: tl.constexpr,
+              KV_FP8: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slots + token).to(tl.int64)
+    cols = tl.arange(0, ROW_PAD)
+    ok = cols < ROW
+    k = tl.load(K + token * stride_k + cols, mask=ok, other=0.0)
+    v = tl.load(V + token * stride_v + cols, mask=ok, other=0.0)
+    if KV_FP8:
+        k = k.to(tl.float32) / k_scale
+        v = v.to(tl.float32) / v_scale
+    tl.store(KC + slot * ROW + cols, k.to(KC.dtype.element_ty), mask=ok)
+    tl.store(VC + slot * ROW + cols, v.to(VC.dtype.element_ty), mask=ok)
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+             k_scale: float, v_scale: float) -> bool:
+    """K and V of a step's tokens into their slots, quantized on the way for an e4m3 pool: one launch.
+    False (nothing written) where a layout is not the one the kernel indexes."""
+    tokens, heads, dim = k.shape
+    if tokens == 0 or k.stride(1) != dim or k.stride(2) != 1 or v.stride(1) != dim or v.stride(2) != 1 \
+            or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        return False
+    row = heads * dim
+    _store_kv[(tokens,)](k, v, k_cache, v_cache, slots, k_scale, v_scale, k.stride(0), v.stride(0),
+                         ROW=row, ROW_PAD=triton.next_power_of_2(row), KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
+                         num_warps=4 if row <= 2048 else 8)
+    return True

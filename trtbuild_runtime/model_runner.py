@@ -96,7 +96,7 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.quantization = resolve_quantization(config.quantization, hf_config, self.device)
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, hf_config, self.dtype, self.device)
-        self.model = load_model(config.model, self.dtype, self.device, config.max_model_len, self.quantization)
+        self.model = load_model(config.model, self.dtype, self.device, config.max_model_len, self.quantization, config.fp8_gemm)
         self.vocab_size = self.model.vocab_size
         first = self.model.layers[0].attn
         self.kv_heads, self.head_dim, self.num_layers = first.kv_heads, first.head_dim, len(self.model.layers)
@@ -193,9 +193,14 @@ class ModelRunner:
             is_prefill=True, slot_mapping=self._tensor(slots, torch.long), fresh=fresh, num_seqs=len(lengths),
             max_query_len=longest, pad_index=self._tensor(pad_index, torch.long) if needs_pad else None)
         if not fresh:
-            ctx.block_tables = self._tensor(self._block_tables(batch.seqs), torch.int32)
-            ctx.context_lens = self._tensor([s.num_computed + n for s, n in zip(batch.seqs, lengths)], torch.int32)
-            ctx.query_starts = self._tensor([s.num_computed for s in batch.seqs], torch.long)
+            tables = self._block_tables(batch.seqs)
+            if self.device.type == "cuda":
+                ctx.token_tables = self._tensor(np.repeat(tables, lengths, axis=0), torch.int32)
+                ctx.token_lens = self._tensor(np.array(positions, dtype=np.int32) + 1, torch.int32)
+            else:
+                ctx.block_tables = self._tensor(tables, torch.int32)
+                ctx.context_lens = self._tensor([s.num_computed + n for s, n in zip(batch.seqs, lengths)], torch.int32)
+                ctx.query_starts = self._tensor([s.num_computed for s in batch.seqs], torch.long)
         return self._tensor(ids, torch.long), self._tensor(positions, torch.long), ctx, sample_rows
 
     def _prepare_decode(self, batch: Batch, rows: int):

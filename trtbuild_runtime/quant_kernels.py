@@ -103,3 +103,27 @@ def quantize_rows(x: torch.Tensor):
     s = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     _quantize_rows[(rows,)](x, q, s, n, x.stride(0), q.stride(0), BLOCK=block, num_warps=_warps(block))
     return q, s
+
+
+@triton.jit
+def _scale_outer(Y, SX, SW, B, M, N, stride_y, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    ptr = Y + rows[:, None] * stride_y + cols[None, :]
+    y = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+    sx = tl.load(SX + rows, mask=rows < M, other=0.0)
+    sw = tl.load(SW + cols, mask=cols < N, other=0.0)
+    y = y * sx[:, None] * sw[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(ptr, y.to(Y.dtype.element_ty), mask=ok)
+
+
+def scale_outer_(y: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y[i, j] = y[i, j] * row_scale[i] * col_scale[j] (+ bias[j]), in place: the epilogue of a unit-scale GEMM."""
+    m, n = y.shape
+    grid = (triton.cdiv(m, 16), triton.cdiv(n, 256))
+    _scale_outer[grid](y, row_scale, col_scale, bias if bias is not None else y, m, n, y.stride(0),
+                       HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=256, num_warps=4)
+    return y

@@ -67,11 +67,25 @@ def silu_mul(gate_up: torch.Tensor, quantize: bool = False):
     return quantize_rows(y) if quantize else y
 
 
-class Fp8Linear(nn.Module):
-    """y = (x_q * s_x) @ (W_q * s_w)^T + b, one row-wise scaled FP8 GEMM."""
+FP8_GEMMS = ("rowwise", "tensorwise")
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype):
+
+class Fp8Linear(nn.Module):
+    """y = (x_q * s_x) @ (W_q * s_w)^T + b.
+
+    `gemm` picks how the scales are applied (the same product either way): "rowwise", one GEMM with
+    both scale vectors (cuBLASLt's outer-vector-scaled kernels); "tensorwise", a unit-scale FP8
+    GEMM (the kernels tuned for TensorRT-LLM's per-tensor FP8) and one epilogue kernel that
+    multiplies rows and columns by their scales. Which is faster depends on the GPU and the batch:
+    bench/gpu_suite.py measures both.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                 gemm: str = "rowwise"):
         super().__init__()
+        if gemm not in FP8_GEMMS:
+            raise ValueError(f"fp8_gemm must be one of {', '.join(FP8_GEMMS)}, got {gemm!r}")
+        self.gemm = gemm
         self.register_buffer("weight", weight)  # [out, in] e4m3
         self.register_buffer("weight_scale", scale.reshape(1, -1).float().contiguous())  # [1, out]
         self.register_buffer("bias", None if bias is None else bias.to(out_dtype))
@@ -79,16 +93,22 @@ class Fp8Linear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, channel_scale: torch.Tensor | None = None) -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, channel_scale: torch.Tensor | None = None, gemm: str = "rowwise") -> "Fp8Linear":
         """From 16-bit weights: per-channel scales from their amax, or the ones given (a checkpoint's)."""
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX if channel_scale is None else channel_scale.float()
         q = (weight / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        return cls(q, scale, None if linear.bias is None else linear.bias.detach(), linear.weight.dtype)
+        return cls(q, scale, None if linear.bias is None else linear.bias.detach(), linear.weight.dtype, gemm)
 
     def forward(self, x) -> torch.Tensor:
         if not isinstance(x, QuantizedActivation):
             x = quantize_rows(x.reshape(-1, self.in_features))
+        if self.gemm == "tensorwise" and x.data.is_cuda:
+            from trtbuild_runtime import quant_kernels
+
+            one = self.weight_scale.new_ones(())
+            y = torch._scaled_mm(x.data, self.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+            return quant_kernels.scale_outer_(y, x.scale, self.weight_scale, self.bias).to(self.out_dtype)
         # row-wise scaled GEMMs on CUDA write bfloat16 only
         mm_dtype = torch.bfloat16 if x.data.is_cuda else self.out_dtype
         y = torch._scaled_mm(x.data, self.weight.t(), scale_a=x.scale, scale_b=self.weight_scale, out_dtype=mm_dtype)
@@ -102,7 +122,7 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def quantize_fp8(model, checkpoint_scales: dict[int, torch.Tensor] | None = None) -> int:
+def quantize_fp8(model, checkpoint_scales: dict[int, torch.Tensor] | None = None, gemm: str = "rowwise") -> int:
     """Swap the decoder's linear layers for Fp8Linear and make their producers emit e4m3.
 
     `checkpoint_scales`: per-channel weight scales by id() of the 16-bit weight they belong to (the
@@ -115,7 +135,7 @@ def quantize_fp8(model, checkpoint_scales: dict[int, torch.Tensor] | None = None
             linear = getattr(owner, name)
             if linear.in_features % 16 or linear.out_features % 16:
                 raise ValueError(f"FP8 GEMMs need dimensions divisible by 16; {name} is {linear.out_features}x{linear.in_features}")
-            setattr(owner, name, Fp8Linear.from_linear(linear, checkpoint_scales.get(id(linear.weight))))
+            setattr(owner, name, Fp8Linear.from_linear(linear, checkpoint_scales.get(id(linear.weight)), gemm))
             swapped += 1
         layer.input_norm.quantize_output = True
         layer.post_attn_norm.quantize_output = True

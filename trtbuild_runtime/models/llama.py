@@ -174,7 +174,7 @@ SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")
 
 
 def load_model(checkpoint: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
-               quantization: str = "none") -> LlamaForCausalLM:
+               quantization: str = "none", fp8_gemm: str = "rowwise") -> LlamaForCausalLM:
     """Build the network without allocating twice and fill it straight from the safetensors files.
 
     A ModelOpt FP8 checkpoint's e4m3 weights are dequantized into the merged 16-bit matrices and
@@ -232,5 +232,5 @@ def load_model(checkpoint: str | Path, dtype: torch.dtype, device: torch.device,
     if channel_scales and quantization != "fp8":
         raise ValueError(f"{checkpoint} holds FP8 weights: run it with quantization fp8")
     if quantization == "fp8":
-        quantize_fp8(model, {i: s.to(device) for i, s in channel_scales.items()})
+        quantize_fp8(model, {i: s.to(device) for i, s in channel_scales.items()}, fp8_gemm)
     return model.eval()
