@@ -86,7 +86,8 @@ def onnx_repo_options(f):
 ONNX_OPTION_NAMES = ("trt_accelerator", "trt_precision", "trt_workspace_mib", "trt_engine_cache", "opt_batch_size",
                      "opt_seq_len", "pad_to_multiple_of")
 LLM_ONLY_OPTIONS = ("dtype", "tokenizer_dir", "kv_cache_page_size", "kv_cache_free_gpu_mem_fraction", "text_env", "llm_engine",
-                    "max_num_tokens", "enable_kv_cache_reuse", "stream_interval_ms", "stream_max_tokens")
+                    "max_num_tokens", "enable_kv_cache_reuse", "stream_interval_ms", "stream_max_tokens", "kv_cache_dtype",
+                    "speculative_decoding_mode", "max_draft_len", "max_matching_ngram_size")
 
 
 def _given(options: dict, names) -> list[str]:

@@ -171,7 +171,7 @@ class BuildSpec:
     add_special_tokens: bool = True
     skip_special_tokens: bool = True
     world_size: int = 1
-    quantization: str = "none"  # transformers runtime: "fp8" runs Linear layers on FP8 tensor cores
+    quantization: str = "none"  # transformers runtime: "fp8" runs the Linear layers on FP8 tensor cores (W8A8)
     engine_dir: Path | None = None
     # A Python environment for the text (BYTES) models: Triton 2.51's Python backend mis-reads
     # numpy>=2 output buffers, so where the LLM's environment has numpy 2 the tokenizer models
@@ -186,6 +186,11 @@ class BuildSpec:
     # stream_interval_ms and at most stream_max_tokens per response (0: no bound; 1: one token each)
     stream_interval_ms: float = 0.0
     stream_max_tokens: int = 0
+    # speculative decoding (trtbuild engine): "ngram" drafts from the prompt (prompt lookup), up to
+    # max_draft_len tokens per step, matching suffixes of up to max_matching_ngram_size tokens
+    speculative_decoding_mode: str = "none"
+    max_draft_len: int = 4
+    max_matching_ngram_size: int = 3
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -238,6 +243,16 @@ class BuildSpec:
         positive("max_num_tokens", self.max_num_tokens)
         if self.stream_interval_ms < 0 or self.stream_max_tokens < 0:
             raise TrtbuildError("--stream-interval-ms and --stream-max-tokens must be >= 0 (0: no bound)")
+        if self.speculative_decoding_mode not in SPECULATIVE_MODES:
+            raise TrtbuildError(f"--speculative-decoding-mode {self.speculative_decoding_mode} is not one of "
+                                f"{', '.join(SPECULATIVE_MODES)}")
+        if self.speculative_decoding_mode != "none" and not 1 <= self.max_draft_len <= 16:
+            raise TrtbuildError(f"--max-draft-len must be in [1, 16], got {self.max_draft_len}")
+        if self.speculative_decoding_mode != "none" and self.max_matching_ngram_size < 1:
+            raise TrtbuildError(f"--max-matching-ngram-size must be >= 1, got {self.max_matching_ngram_size}")
+        if self.runtime == "transformers" and self.kv_cache.dtype not in ("auto", "fp8"):
+            raise TrtbuildError(f"--kv-cache-dtype {self.kv_cache.dtype} is not available on the transformers runtime",
+                                hint="trtbuild_runtime stores FP8 (e4m3) pages: use fp8; int8 KV needs `trtbuild engine`")
         if self.llm_engine not in LLM_ENGINES:
             raise TrtbuildError(f"--llm-engine {self.llm_engine} is not one of {', '.join(LLM_ENGINES)}")
         self.serving.validate(self.max_batch_size)
@@ -254,6 +269,7 @@ class BuildSpec:
 
 
 LLM_ENGINES = ("auto", "trtbuild", "transformers")
+SPECULATIVE_MODES = ("none", "ngram")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,12 +282,16 @@ def choose_llm_engine(spec: BuildSpec) -> EngineChoice:
     """trtbuild_runtime where it can run the build, else transformers' continuous batching."""
     from trtbuild_runtime.config import UnsupportedModel, check_supported
 
+    needs = [name for name, on in (("--kv-cache-dtype fp8", spec.kv_cache.dtype == "fp8"),
+                                   ("--speculative-decoding-mode " + spec.speculative_decoding_mode,
+                                    spec.speculative_decoding_mode != "none")) if on]
     if spec.llm_engine == "transformers":
+        if needs:
+            raise TrtbuildError(f"{' and '.join(needs)} need trtbuild_runtime, not transformers' continuous batching",
+                                hint="use --llm-engine auto or trtbuild")
         return EngineChoice("transformers", "asked for (--llm-engine transformers)")
     why = None
-    if spec.quantization != "none":
-        why = f"--quantization {spec.quantization} runs on transformers' modules"
-    elif spec.kv_cache.page_size < 16 or spec.kv_cache.page_size & (spec.kv_cache.page_size - 1):
+    if spec.kv_cache.page_size < 16 or spec.kv_cache.page_size & (spec.kv_cache.page_size - 1):
         why = f"--kv-cache-page-size {spec.kv_cache.page_size} is not a power of two >= 16 (the attention kernel's tile)"
     else:
         try:
@@ -280,9 +300,10 @@ def choose_llm_engine(spec: BuildSpec) -> EngineChoice:
             why = f"trtbuild_runtime does not run {e}"
     if why is None:
         return EngineChoice("trtbuild", "the Llama family on trtbuild_runtime (paged KV, CUDA graphs, Triton kernels)")
-    if spec.llm_engine == "trtbuild":
-        raise TrtbuildError(f"--llm-engine trtbuild cannot serve {spec.checkpoint}: {why}",
-                            hint="use --llm-engine auto or transformers")
+    if spec.llm_engine == "trtbuild" or needs:
+        asked = "--llm-engine trtbuild" if spec.llm_engine == "trtbuild" else " and ".join(needs)
+        raise TrtbuildError(f"{asked} cannot serve {spec.checkpoint}: {why}",
+                            hint="use --llm-engine auto or transformers" if not needs else f"drop {' and '.join(needs)}")
     return EngineChoice("transformers", why)
 
 

@@ -189,3 +189,14 @@ def test_log_probs_are_the_models(engine, tiny_checkpoint):
     logp = torch.log_softmax(model(ids).logits[0, 2:-1].float(), -1)
     expected = logp.gather(1, torch.tensor(out.generated_tokens)[:, None]).squeeze(1)
     assert torch.allclose(torch.tensor(out.logprobs), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_short_prompts_as_decode_rows_equal_generate(tiny_checkpoint, tiny_case, prefix_caching):
+    """On CUDA a prompt step that fits a captured graph runs as decode rows (one per token, each with
+    its own context length); forced here on the CPU, where the same rows run eagerly."""
+    ids, max_tokens, eos, expected = tiny_case
+    engine = LLMEngine(EngineConfig(str(tiny_checkpoint), max_model_len=96, max_num_batched_tokens=24, max_num_seqs=6,
+                                    page_size=16, enable_prefix_caching=prefix_caching))
+    engine.runner._fits_graph = lambda batch: batch.is_prefill and batch.total_tokens <= 24
+    assert staggered(engine, ids, max_tokens, eos) == expected

@@ -49,7 +49,7 @@ class LLMEngine:
         self.vocab_size = self.runner.vocab_size
         self.blocks = BlockManager(self.runner.num_blocks, config.page_size, config.enable_prefix_caching)
         proposer = PromptLookup(config.num_speculative_tokens, config.prompt_lookup_max) if config.speculative == "ngram" else None
-        self.scheduler = Scheduler(config, self.blocks, proposer)
+        self.scheduler = Scheduler(config, self.blocks, proposer, self.runner.graph_sizes[-1] if self.runner.graphs else None)
         self.speculation = SpeculativeStats()
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0

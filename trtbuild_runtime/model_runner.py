@@ -4,8 +4,11 @@ The pool is sized once, at start: on CUDA from the memory left free after the we
 warm-up prefill at the full token budget (times `gpu_memory_fraction`); on CPU for `max_num_seqs`
 full-length sequences, refused with the numbers if that exceeds the machine's available RAM.
 
-Decode steps replay CUDA graphs captured at bucketed batch sizes (1, 2, 4, 8, 16, 24, 32, ...):
-the step's inputs are copied into static buffers, padded rows write their K/V into the scratch
+Decode steps replay CUDA graphs captured at bucketed row counts (1, 2, 4, 8, 16, 32, 48, ...), up
+to max(max_num_seqs, 128): a row is a sequence's next token, or a draft token, or a token of a
+prompt step short enough to fit (a prompt after a prefix-cache hit, a short prompt); those run as
+decode rows with their own context lengths instead of an eager prefill, whose launches alone cost
+milliseconds. The step's inputs are copied into static buffers, padded rows write their K/V into the scratch
 block and read nothing. The host waits for the device once per step, for the sampled tokens.
 """
 
@@ -83,6 +86,9 @@ def available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+MIN_GRAPH_ROWS = 128  # a small engine still replays a graph for a 128-token prompt step
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 1, 16 if max_num_seqs <= 128 else 32))
     return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
@@ -108,6 +114,8 @@ class ModelRunner:
             layer.attn.k_cache, layer.attn.v_cache = self.kv[i, 0], self.kv[i, 1]
         self.trash_slot = self.num_blocks * self.page
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # rows a step may hold: a sequence each, plus draft tokens and short prompts, which run as rows too
+        self.max_rows = max(config.max_num_seqs, MIN_GRAPH_ROWS)
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture()
 
@@ -203,16 +211,24 @@ class ModelRunner:
                 ctx.query_starts = self._tensor([s.num_computed for s in batch.seqs], torch.long)
         return self._tensor(ids, torch.long), self._tensor(positions, torch.long), ctx, sample_rows
 
-    def _prepare_decode(self, batch: Batch, rows: int):
-        """One row per sequence, at its last token; a drafted sequence adds a row per draft token,
-        each at its own position and context length, reading the sequence's blocks."""
-        seqs = batch.seqs
+    @staticmethod
+    def _row_entries(batch: Batch) -> list[tuple]:
+        """(sequence, first position, tokens) of each sequence's rows in a row-shaped step."""
+        if batch.is_prefill:
+            return [(s, s.num_computed, s.tokens[s.num_computed:s.num_computed + n]) for s, n in zip(batch.seqs, batch.num_tokens)]
+        return [(s, len(s.tokens) - 1, [s.tokens[-1], *d]) for s, d in zip(batch.seqs, batch.drafts)]
+
+    def _prepare_rows(self, batch: Batch, rows: int):
+        """The decode step's inputs: one row per sequence at its last token, or, for drafts and short
+        prompts, one row per token, each at its own position and context length, reading its
+        sequence's blocks (causal by construction)."""
         ids = np.zeros(rows, dtype=np.int64)
         positions = np.zeros(rows, dtype=np.int64)
         slots = np.full(rows, self.trash_slot, dtype=np.int64)
         lens = np.zeros(rows, dtype=np.int32)
         page = self.page
-        if not batch.drafts:
+        if not batch.is_prefill and not batch.drafts:
+            seqs = batch.seqs
             for i, s in enumerate(seqs):
                 p = len(s.tokens) - 1
                 ids[i], positions[i], lens[i] = s.tokens[-1], p, p + 1
@@ -220,15 +236,18 @@ class ModelRunner:
             return ids, positions, slots, lens, self._block_tables(seqs, rows)
         owners = []
         r = 0
-        for s, draft in zip(seqs, batch.drafts):
-            start = len(s.tokens) - 1
-            for j, token in enumerate([s.tokens[-1], *draft]):
+        for s, start, tokens in self._row_entries(batch):
+            for j, token in enumerate(tokens):
                 p = start + j
                 ids[r], positions[r], lens[r] = token, p, p + 1
                 slots[r] = s.block_table[p // page] * page + p % page
                 owners.append(s)
                 r += 1
         return ids, positions, slots, lens, self._block_tables(owners, rows)
+
+    def _fits_graph(self, batch: Batch) -> bool:
+        """A prompt step small enough for a captured graph runs as decode rows: no eager launches."""
+        return bool(self.graphs) and batch.is_prefill and batch.total_tokens <= self.graph_sizes[-1]
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[int], list[float] | None]:
@@ -237,13 +256,16 @@ class ModelRunner:
         sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         if batch.drafts:
             sampling_seqs = [s for s, d in zip(batch.seqs, batch.drafts) for _ in range(len(d) + 1)]
-        if batch.is_prefill:
+        if self._fits_graph(batch):
+            ends = np.cumsum(batch.num_tokens) - 1
+            logits = self._rows(batch, batch.total_tokens)[self._tensor([ends[i] for i in range(len(batch.seqs)) if batch.samples(i)], torch.long)]
+        elif batch.is_prefill:
             ids, positions, ctx, rows = self._prepare_prefill(batch)
             attention.set_context(ctx)
             hidden = self.model(ids, positions)
             logits = self.model.logits(hidden[self._tensor(rows, torch.long)]) if rows else None
         else:
-            logits = self._decode(batch)
+            logits = self._rows(batch, batch.num_rows)
         attention.set_context(None)
         if not sampling_seqs:
             return [], None
@@ -253,10 +275,10 @@ class ModelRunner:
         both = torch.stack((tokens.double(), logprobs.double())).tolist()  # one transfer for both
         return [int(t) for t in both[0]], both[1]
 
-    def _decode(self, batch: Batch) -> torch.Tensor:
-        n = batch.num_rows
+    def _rows(self, batch: Batch, n: int) -> torch.Tensor:
+        """Logits of every row: a captured graph at the next bucket up, else eager."""
         size = self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)] if self.graphs and n <= self.graph_sizes[-1] else None
-        ids, positions, slots, lens, tables = self._prepare_decode(batch, size or n)
+        ids, positions, slots, lens, tables = self._prepare_rows(batch, size or n)
         if size is None:
             ctx = attention.StepContext(False, self._tensor(slots, torch.long), context_lens=self._tensor(lens, torch.int32),
                                         block_tables=self._tensor(tables, torch.int32))
@@ -276,7 +298,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _capture(self) -> None:
         c = self.config
-        self.graph_sizes = capture_sizes(c.max_num_seqs)
+        self.graph_sizes = capture_sizes(self.max_rows)
         top = self.graph_sizes[-1]
         d = self.device
         b = self.buffers = {

@@ -44,8 +44,10 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, blocks: BlockManager, proposer: PromptLookup | None = None):
+    def __init__(self, config: EngineConfig, blocks: BlockManager, proposer: PromptLookup | None = None,
+                 max_rows: int | None = None):
         self.max_num_seqs = config.max_num_seqs
+        self.max_rows = max_rows or config.max_num_seqs  # rows one decode step may compute (drafts included)
         self.budget = config.max_num_batched_tokens
         self.blocks = blocks
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -105,7 +107,7 @@ class Scheduler:
 
     def _drafts(self, seqs: list[Sequence]) -> list[list[int]] | None:
         """A draft for each greedy sequence, while the rows fit the largest decode batch."""
-        rows_left = self.max_num_seqs - len(seqs)
+        rows_left = self.max_rows - len(seqs)
         drafts, any_draft = [], False
         for seq in seqs:
             draft: list[int] = []

@@ -112,6 +112,7 @@ class TritonPythonModel:
         self.active = {}
         self.stopping = threading.Event()
         self._start_manager()
+        self.gauges = self._engine_gauges(args["model_name"]) if self.engine == "trtbuild" else {}
         self.dispatcher = threading.Thread(target=self._dispatch, name="trtbuild-dispatch", daemon=True)
         self.dispatcher.start()
 
@@ -135,11 +136,44 @@ class TritonPythonModel:
             page_size=o["page_size"], num_blocks=o["num_blocks"] if device == "cpu" else None,
             gpu_memory_fraction=o["free_gpu_mem_fraction"],
             enable_prefix_caching=p.get("enable_kv_cache_reuse", "false").lower() == "true",
+            quantization=p.get("quantization", "none"), kv_cache_dtype=p.get("kv_cache_dtype", "auto"),
+            speculative=p.get("speculative_decoding_mode", "none"), num_speculative_tokens=int(p.get("max_draft_len", 4)),
+            prompt_lookup_max=int(p.get("max_matching_ngram_size", 3)),
         )
         engine = LLMEngine(config)
-        pb_utils.Logger.log_info(f"trtbuild_runtime: {engine.runner.num_blocks} KV blocks of {config.page_size} tokens on "
-                                 f"{engine.runner.device} ({engine.runner.dtype}), CUDA graphs for {sorted(engine.runner.graphs)}")
+        r = engine.runner
+        pb_utils.Logger.log_info(f"trtbuild_runtime: {r.num_blocks} KV blocks of {config.page_size} tokens ({r.kv_dtype}) on "
+                                 f"{r.device} ({r.dtype}, quantization {r.quantization}), speculative {config.speculative}, "
+                                 f"CUDA graphs for {sorted(r.graphs)}")
         return EngineLoop(engine).start()
+
+    # the engine's own counters, next to Triton's metrics on :8002/metrics
+    ENGINE_GAUGES = {
+        "prefix_cache_hit_rate": ("trtbuild_prefix_cache_hit_ratio", "Prompt tokens served from the prefix cache, of those looked up"),
+        "speculative_acceptance_rate": ("trtbuild_speculative_acceptance_ratio", "Draft tokens the target model accepted"),
+        "speculative_tokens_per_step": ("trtbuild_speculative_tokens_per_step", "Tokens a drafted sequence gains per verify step"),
+        "free_blocks": ("trtbuild_kv_cache_free_blocks", "KV-cache blocks not held by a running sequence"),
+        "preemptions": ("trtbuild_preemptions", "Sequences preempted for lack of KV blocks, since start"),
+    }
+
+    def _engine_gauges(self, model_name):
+        """A Metric dies with its MetricFamily: both are kept, the families on the model."""
+        self.metric_families, gauges = [], {}
+        for key, (name, description) in self.ENGINE_GAUGES.items():
+            family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.GAUGE)
+            self.metric_families.append(family)
+            gauges[key] = family.Metric(labels={"model": model_name})
+        return gauges
+
+    def _update_gauges(self):
+        """Never fatal: the dispatcher thread carries every response."""
+        try:
+            stats = self.manager.engine.stats
+            for key, gauge in self.gauges.items():
+                gauge.set(float(stats[key]))
+        except Exception as e:  # noqa: BLE001
+            pb_utils.Logger.log_warn(f"engine metrics are off: {e}")
+            self.gauges = {}
 
     def _manager_failed(self):
         if self.engine == "trtbuild":
@@ -292,6 +326,8 @@ class TritonPythonModel:
             if time.monotonic() - last_cancel_check > 0.1:
                 last_cancel_check = time.monotonic()
                 self._drop_cancelled()
+                if self.gauges:
+                    self._update_gauges()
 
     def _handle(self, result):
         with self.lock:
