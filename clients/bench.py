@@ -133,10 +133,10 @@ RunProgress = Callable[[LoadPoint, int, int, float], None]  # (load point, finis
 
 
 async def _alive(transport) -> bool:
-    """Whether the server still answers: a sweep against a dead server would only add failures."""
+    """Whether the server still serves: a sweep against a dead one, or one shutting down (it answers
+    metadata through its exit grace period but is no longer ready), would only add failures."""
     try:
-        await asyncio.wait_for(transport.server_metadata(), timeout=5)
-        return True
+        return await asyncio.wait_for(transport.server_ready(), timeout=5)
     except Exception:  # noqa: BLE001 - any failure to answer means the same here
         return False
 

@@ -42,6 +42,9 @@ class GrpcTransport:
     async def server_metadata(self) -> dict:
         return await self.client.get_server_metadata(as_json=True, client_timeout=10)
 
+    async def server_ready(self) -> bool:
+        return bool(await self.client.is_server_ready(client_timeout=10))
+
     async def model_metadata(self, model: str) -> dict:
         return await self.client.get_model_metadata(model, as_json=True, client_timeout=10)
 
@@ -165,6 +168,9 @@ class HttpTransport:
 
     async def server_metadata(self) -> dict:
         return await self._json("/v2")
+
+    async def server_ready(self) -> bool:
+        return (await self.client.get("/v2/health/ready")).status == 200
 
     async def model_metadata(self, model: str) -> dict:
         return await self._json(f"/v2/models/{model}")
