@@ -416,7 +416,7 @@ class ComposeMonitoring:
 
 
 def _environment():
-    from builder.repository import environment
+    from builder.templates import environment
 
     return environment()
 

@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import jinja2
 import yaml
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from builder import interface
@@ -23,8 +22,8 @@ from builder.atomic import atomic_output_dir
 from builder.errors import TrtbuildError
 from builder.serving import apply_policy
 from builder.spec import BuildSpec
+from builder.templates import TEMPLATE_ROOT, environment, parse_config, render_template
 
-TEMPLATE_ROOT = Path(__file__).resolve().parent.parent / "model_repo_templates"
 COMMON_FILES = ("_common/trtbuild_utils.py", "_common/trtbuild_tokenizer.py")
 MANIFEST = "trtbuild.json"
 
@@ -55,22 +54,6 @@ class ModelPlan:
     @property
     def config_template(self) -> str:
         return f"{self.template}/config.pbtxt.j2"
-
-
-def _pbstr(value: Any) -> str:
-    """Escape a value for a protobuf text-format string literal."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def environment(root: Path = TEMPLATE_ROOT) -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(root)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.filters["pbstr"] = _pbstr
-    return env
 
 
 def _bool(value: bool) -> str:
@@ -356,11 +339,11 @@ def render(plans: list[ModelPlan], env: jinja2.Environment | None = None) -> lis
     env = env or environment()
     rendered = []
     for plan in plans:
-        text = _render_template(env, plan.config_template, plan)
+        text = render_template(env, plan.config_template, plan)
         config = parse_config(text, plan.name, plan.config_template)
         if config.name != plan.name:
             raise TrtbuildError(f"model '{plan.name}': {plan.config_template} renders name '{config.name}'")
-        files = {rel: _render_template(env, tpl, plan) for rel, tpl in plan.extra_files.items()}
+        files = {rel: render_template(env, tpl, plan) for rel, tpl in plan.extra_files.items()}
         for rel, file_text in files.items():
             _check_data_file(plan, rel, file_text)
         rendered.append(RenderedModel(plan, text, config, files))
@@ -377,27 +360,6 @@ def _check_data_file(plan: ModelPlan, rel: str, text: str) -> None:
             json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise TrtbuildError(f"model '{plan.name}': rendered {rel} does not parse: {e}") from None
-
-
-def _render_template(env: jinja2.Environment, template: str, plan: ModelPlan) -> str:
-    try:
-        return env.get_template(template).render(name=plan.name, **plan.context)
-    except jinja2.UndefinedError as e:
-        raise TrtbuildError(f"model '{plan.name}': template {template} uses an unfilled value: {e.message}") from None
-    except jinja2.TemplateSyntaxError as e:
-        raise TrtbuildError(f"model '{plan.name}': template {e.filename or template} line {e.lineno}: {e.message}") from None
-    except jinja2.TemplateNotFound as e:
-        raise TrtbuildError(f"model '{plan.name}': template {e.name} not found under {TEMPLATE_ROOT}") from None
-
-
-def parse_config(text: str, model: str, template: str) -> model_config_pb2.ModelConfig:
-    """Parse with Triton's own ModelConfig schema: unknown fields and unfilled values fail here."""
-    config = model_config_pb2.ModelConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as e:
-        raise TrtbuildError(f"model '{model}': config.pbtxt from template {template} is invalid: {e}") from None
-    return config
 
 
 def _dims_compatible(a, b) -> bool:

@@ -276,9 +276,9 @@ class ModelFacts:
 
 
 def model_facts(plan, env=None) -> ModelFacts:
-    from builder.repository import _render_template, environment, parse_config
+    from builder.templates import environment, parse_config, render_template
 
-    config = parse_config(_render_template(env or environment(), plan.config_template, plan), plan.name, plan.config_template)
+    config = parse_config(render_template(env or environment(), plan.config_template, plan), plan.name, plan.config_template)
     return ModelFacts(
         name=plan.name,
         ensemble=config.platform == "ensemble",
