@@ -449,8 +449,12 @@ def smollm2(suite: Suite, checkpoint: Path, device: str, dtype: str) -> None:
 
 # ---------------------------------------------------------------------- through Triton
 def through_triton(suite: Suite, checkpoint: Path, device: str, dtype: str, concurrencies: list[int], in_len: int,
-                   out_len: int, models: list[str], out: Path, per_point, stream_interval_ms: float = 0.0) -> None:
-    """gRPC streaming through every served path; HTTP generate_stream through the ensemble at the first load."""
+                   out_len: int, models: list[str], out: Path, per_point, stream_interval_ms: float = 0.0,
+                   build: str = "") -> None:
+    """gRPC streaming through every served path; HTTP generate_stream through the ensemble at the first load.
+
+    `build`: comma-separated `trtbuild repo` settings for the served build (quantization=fp8,
+    kv_cache_dtype=fp8, enable_kv_cache_reuse=true, speculative_decoding_mode=ngram), shown in the row names."""
     from builder.repository import generate as generate_repository  # tritonclient: only this stage needs it
     from builder.server import TritonServer
     from builder.spec import BuildSpec, KVCacheSpec
@@ -459,10 +463,14 @@ def through_triton(suite: Suite, checkpoint: Path, device: str, dtype: str, conc
     from clients.prompts import LengthDistribution
 
     text_env = os.environ.get("TRTBUILD_TEXT_ENV")
+    settings = dict(item.split("=", 1) for item in build.split(",") if item)
+    kv = KVCacheSpec(free_gpu_mem_fraction=0.85, dtype=settings.pop("kv_cache_dtype", "auto"),
+                     enable_reuse=settings.pop("enable_kv_cache_reuse", "false") == "true")
     spec = BuildSpec(checkpoint=checkpoint, model=load_model_spec(checkpoint), device=device, dtype=dtype,
                      max_batch_size=max(concurrencies), max_input_len=in_len + 8, max_output_len=out_len,
-                     kv_cache=KVCacheSpec(free_gpu_mem_fraction=0.85), text_env=Path(text_env) if text_env else None,
-                     stream_interval_ms=stream_interval_ms)
+                     kv_cache=kv, text_env=Path(text_env) if text_env else None,
+                     stream_interval_ms=stream_interval_ms, **settings)
+    label = f" [{build}]" if build else ""
     repo = generate_repository(spec, out / "model_repo", force=True)
     server = TritonServer(repo, log_path=out / "tritonserver.log")
     t = time.time()
@@ -477,11 +485,11 @@ def through_triton(suite: Suite, checkpoint: Path, device: str, dtype: str, conc
                                  input_tokens=LengthDistribution(in_len), output_tokens=LengthDistribution(out_len))
             result = run_benchmark(config)
             (out / "bench").mkdir(exist_ok=True)
-            (out / "bench" / f"{model}_{protocol}_{c}.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
+            (out / "bench" / f"{model}_{protocol}_{c}{'_' + build.replace(',', '_').replace('=', '-') if build else ''}.json").write_text(json.dumps(result.to_json(), indent=1, default=str))
             (run,) = result.runs
             m = run.metrics
             how = "gRPC streaming" if protocol == "grpc" else "HTTP generate_stream"
-            suite.add(Row(f"Triton {model}, {how}", c, m.output_tokens_per_s, m.completed,
+            suite.add(Row(f"Triton {model}, {how}{label}", c, m.output_tokens_per_s, m.completed,
                           *(None if s is None else getattr(s, q) for s, q in
                             ((m.ttft_ms, "p50"), (m.ttft_ms, "p99"), (m.itl_ms, "p50"), (m.latency_ms, "p50"))),
                           note=f"failed {m.failed} {m.errors or ''}".strip()))
@@ -606,6 +614,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="a 3-minute subset: no compiled baseline, fewer points")
     ap.add_argument("--quant-modes", default=",".join(QUANT_MODES))
     ap.add_argument("--quant-concurrency", default="1,64,256")
+    ap.add_argument("--triton-builds", default="",
+                    help="';'-separated served builds, each comma-separated repo settings (e.g. 'quantization=fp8'); "
+                         "'' is the plain build")
     ap.add_argument("--smollm2", type=Path, help="a SmolLM2 checkpoint directory for the smollm2 stage")
     args = ap.parse_args(argv)
     if args.quick:
@@ -682,9 +693,11 @@ def main(argv: list[str] | None = None) -> dict:
     if "smollm2" in stages and args.smollm2:
         suite.stage("smollm2", lambda: smollm2(suite, args.smollm2, args.device, args.dtype))
     if "triton" in stages:
-        suite.stage("triton", lambda: through_triton(suite, checkpoint, args.device, args.dtype, ints(args.triton_concurrency),
+        for build in args.triton_builds.split(";"):
+            name = "triton" + (f" [{build}]" if build else "")
+            suite.stage(name, lambda: through_triton(suite, checkpoint, args.device, args.dtype, ints(args.triton_concurrency),
                                                      in_len, out_len, args.triton_models.split(","), out, lambda c: max(2 * c, 16),
-                                                     args.stream_interval_ms))
+                                                     args.stream_interval_ms, build))
     left = args.budget_s - (time.time() - report["started"])
     if "hf_compiled" in stages and hf is not None and left < 150:
         print(f"== hf_compiled skipped: {left:.0f} s left of --budget-s {args.budget_s}, compiling takes minutes", flush=True)
