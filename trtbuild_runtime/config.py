@@ -32,7 +32,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
     quantization: str = "none"  # weights and activations: none, fp8 (e4m3, per-channel weight, per-token activation scales)
-    fp8_gemm: str = "rowwise"  # how FP8 scales are applied: rowwise (in the GEMM) or tensorwise (an epilogue)
+    fp8_gemm: str = "rowwise"  # FP8 GEMM tactic: rowwise (scales in the GEMM), rowwise_fast_accum, tensorwise (an epilogue)
     kv_cache_dtype: str = "auto"  # auto (the model dtype), fp8 (e4m3 pages, one scale per layer)
     speculative: str = "none"  # none, ngram (prompt lookup)
     num_speculative_tokens: int = 4  # draft tokens verified per step (TensorRT-LLM's max_draft_len)
@@ -47,7 +47,7 @@ class EngineConfig:
         for name, value, allowed in (("quantization", self.quantization, QUANTIZATIONS),
                                      ("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES),
                                      ("speculative", self.speculative, SPECULATIVE_MODES),
-                                     ("fp8_gemm", self.fp8_gemm, ("rowwise", "tensorwise"))):
+                                     ("fp8_gemm", self.fp8_gemm, ("rowwise", "rowwise_fast_accum", "tensorwise"))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.speculative != "none" and not 1 <= self.num_speculative_tokens <= 16:

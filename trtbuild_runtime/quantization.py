@@ -67,14 +67,15 @@ def silu_mul(gate_up: torch.Tensor, quantize: bool = False):
     return quantize_rows(y) if quantize else y
 
 
-FP8_GEMMS = ("rowwise", "tensorwise")
+FP8_GEMMS = ("rowwise", "rowwise_fast_accum", "tensorwise")
 
 
 class Fp8Linear(nn.Module):
     """y = (x_q * s_x) @ (W_q * s_w)^T + b.
 
     `gemm` picks how the scales are applied (the same product either way): "rowwise", one GEMM with
-    both scale vectors (cuBLASLt's outer-vector-scaled kernels); "tensorwise", a unit-scale FP8
+    both scale vectors (cuBLASLt's outer-vector-scaled kernels), "rowwise_fast_accum" the same with
+    Hopper's fast FP8 accumulation (partial sums promoted less often); "tensorwise", a unit-scale FP8
     GEMM (the kernels tuned for TensorRT-LLM's per-tensor FP8) and one epilogue kernel that
     multiplies rows and columns by their scales. Which is faster depends on the GPU and the batch:
     bench/gpu_suite.py measures both.
@@ -111,7 +112,8 @@ class Fp8Linear(nn.Module):
             return quant_kernels.scale_outer_(y, x.scale, self.weight_scale, self.bias).to(self.out_dtype)
         # row-wise scaled GEMMs on CUDA write bfloat16 only
         mm_dtype = torch.bfloat16 if x.data.is_cuda else self.out_dtype
-        y = torch._scaled_mm(x.data, self.weight.t(), scale_a=x.scale, scale_b=self.weight_scale, out_dtype=mm_dtype)
+        y = torch._scaled_mm(x.data, self.weight.t(), scale_a=x.scale, scale_b=self.weight_scale, out_dtype=mm_dtype,
+                             use_fast_accum=self.gemm == "rowwise_fast_accum" and x.data.is_cuda)
         y = y.to(self.out_dtype)
         return y if self.bias is None else y + self.bias
 
