@@ -440,7 +440,7 @@ def prefix_cache(suite: Suite, checkpoint: Path, dtype: str, device: str, system
         gc.collect()
     results["same_tokens_on_and_off"] = results["on"].pop("tokens") == results["off"].pop("tokens")
     print(f"  greedy tokens with the cache on == off: {results['same_tokens_on_and_off']}", flush=True)
-    suite.report["prefix"] = results
+    suite.report["prefix" if system_len == 1024 else f"prefix_{system_len}"] = results
     return results
 
 
@@ -622,6 +622,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--triton-builds", default="",
                     help="';'-separated served builds, each comma-separated repo settings (e.g. 'quantization=fp8'); "
                          "'' is the plain build")
+    ap.add_argument("--prefix-lens", default="1024", help="shared system prompt lengths for the prefix stage")
     ap.add_argument("--smollm2", type=Path, help="a SmolLM2 checkpoint directory for the smollm2 stage")
     args = ap.parse_args(argv)
     if args.quick:
@@ -694,7 +695,8 @@ def main(argv: list[str] | None = None) -> dict:
         suite.stage("quant", lambda: quantized_engines(suite, checkpoint, args.dtype, args.device, ints(args.quant_concurrency),
                                                        in_len, out_len, lambda c: max(4 * c, 16), args.quant_modes.split(","), out))
     if "prefix" in stages:
-        suite.stage("prefix", lambda: prefix_cache(suite, checkpoint, args.dtype, args.device))
+        for n in ints(args.prefix_lens):
+            suite.stage(f"prefix {n}", lambda: prefix_cache(suite, checkpoint, args.dtype, args.device, system_len=n))
     if "smollm2" in stages and args.smollm2:
         suite.stage("smollm2", lambda: smollm2(suite, args.smollm2, args.device, args.dtype))
     if "triton" in stages:
