@@ -54,3 +54,19 @@ def tiny_server(tiny_repository, tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+def run_under_triton_interpreter(test_file: str, function: str, marker: str) -> None:
+    """Run `function` of `test_file` in a fresh process with TRITON_INTERPRET=1 (it must be set before
+    triton is imported), and check that it printed `marker`: Triton kernels on a machine with no GPU."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    code = f"import runpy; runpy.run_path({test_file!r})[{function!r}]()"
+    here = Path(__file__).parent  # the test file imports this module, so it is on the path too
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join((str(here.parent), str(here))))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert marker in done.stdout

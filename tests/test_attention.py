@@ -3,13 +3,10 @@ Triton kernel is held to) and the Triton kernel itself, run by Triton's interpre
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_under_triton_interpreter
 
 from trtbuild_runtime.attention import paged_attention_reference
 
@@ -96,9 +93,4 @@ def kernel_check() -> None:
 
 
 def test_triton_kernel_equals_naive():
-    pytest.importorskip("triton")
-    code = f"import runpy; runpy.run_path({__file__!r})['kernel_check']()"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "kernel == naive" in done.stdout
+    run_under_triton_interpreter(__file__, "kernel_check", "kernel == naive")

@@ -7,13 +7,11 @@ checked against the torch functions under Triton's interpreter.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_under_triton_interpreter
 
 from trtbuild_runtime import EngineConfig, LLMEngine, SamplingParams
 from trtbuild_runtime import attention
@@ -189,12 +187,7 @@ def kernels_check() -> None:
 
 
 def test_fp8_triton_kernels_equal_torch():
-    pytest.importorskip("triton")
-    code = f"import runpy; runpy.run_path({__file__!r})['kernels_check']()"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "fp8 kernels == torch" in done.stdout
+    run_under_triton_interpreter(__file__, "kernels_check", "fp8 kernels == torch")
 
 
 # ------------------------------------------------------------------ prompt lookup
