@@ -11,6 +11,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 QUANTIZATIONS = ("none", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 SPECULATIVE_MODES = ("none", "ngram")
+FP8_GEMMS = ("rowwise", "rowwise_fast_accum", "tensorwise")  # quantization.Fp8Linear's tactics
 
 
 class UnsupportedModel(ValueError):
@@ -47,7 +48,7 @@ class EngineConfig:
         for name, value, allowed in (("quantization", self.quantization, QUANTIZATIONS),
                                      ("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES),
                                      ("speculative", self.speculative, SPECULATIVE_MODES),
-                                     ("fp8_gemm", self.fp8_gemm, ("rowwise", "rowwise_fast_accum", "tensorwise"))):
+                                     ("fp8_gemm", self.fp8_gemm, FP8_GEMMS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.speculative != "none" and not 1 <= self.num_speculative_tokens <= 16:

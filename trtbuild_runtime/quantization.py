@@ -18,6 +18,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from trtbuild_runtime.config import FP8_GEMMS
+
 FP8_MAX = 448.0
 FP8 = torch.float8_e4m3fn
 
@@ -67,9 +69,6 @@ def silu_mul(gate_up: torch.Tensor, quantize: bool = False):
     return quantize_rows(y) if quantize else y
 
 
-FP8_GEMMS = ("rowwise", "rowwise_fast_accum", "tensorwise")
-
-
 class Fp8Linear(nn.Module):
     """y = (x_q * s_x) @ (W_q * s_w)^T + b.
 
@@ -90,6 +89,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight", weight)  # [out, in] e4m3
         self.register_buffer("weight_scale", scale.reshape(1, -1).float().contiguous())  # [1, out]
         self.register_buffer("bias", None if bias is None else bias.to(out_dtype))
+        self.register_buffer("unit_scale", torch.ones((), dtype=torch.float32, device=weight.device), persistent=False)  # tensorwise
         self.out_dtype = out_dtype
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
@@ -107,7 +107,7 @@ class Fp8Linear(nn.Module):
         if self.gemm == "tensorwise" and x.data.is_cuda:
             from trtbuild_runtime import quant_kernels
 
-            one = self.weight_scale.new_ones(())
+            one = self.unit_scale
             y = torch._scaled_mm(x.data, self.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
             return quant_kernels.scale_outer_(y, x.scale, self.weight_scale, self.bias).to(self.out_dtype)
         # row-wise scaled GEMMs on CUDA write bfloat16 only
