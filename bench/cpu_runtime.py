@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
         texts = [p.prompt for p in load_prompts(DEFAULT_PROMPTS)][: args.prompts]
         prompts = [tokenizer(t)["input_ids"] for t in texts]
         hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-        engine = LLMEngine(EngineConfig(str(checkpoint), dtype="float32", device="cpu", max_num_seqs=8, max_model_len=256))
+        engine = LLMEngine(EngineConfig(str(checkpoint), dtype="float32", device="cpu", max_batch_size=8, max_seq_len=256))
         hf_rate(hf, prompts[:1], 1, 4)  # warm-up
         engine_rate(engine, prompts[:1], 1, 4)
         rows = {

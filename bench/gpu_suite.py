@@ -175,8 +175,8 @@ def hf_static(suite: Suite, model, device: str, batches: list[int], in_len: int,
 
 # ---------------------------------------------------------------------- our engine
 def engine_config(checkpoint: Path, dtype: str, device: str, max_seqs: int, max_len: int, **kw) -> EngineConfig:
-    return EngineConfig(str(checkpoint), dtype=dtype, device=device, max_num_seqs=max_seqs, max_model_len=max_len,
-                        gpu_memory_fraction=0.85, **kw)
+    return EngineConfig(str(checkpoint), dtype=dtype, device=device, max_batch_size=max_seqs, max_seq_len=max_len,
+                        kv_cache_free_gpu_mem_fraction=0.85, **kw)
 
 
 def closed_loop(engine: LLMEngine, concurrency: int, total: int, in_len: int, out_len: int, seed: int) -> dict:
@@ -411,7 +411,7 @@ def prefix_cache(suite: Suite, checkpoint: Path, dtype: str, device: str, system
     """TTFT of requests sent one at a time that share a system prompt: the first computes it, the rest reuse it."""
     results = {}
     for reuse in (True, False):
-        engine = LLMEngine(engine_config(checkpoint, dtype, device, 8, system_len + 64, enable_prefix_caching=reuse))
+        engine = LLMEngine(engine_config(checkpoint, dtype, device, 8, system_len + 64, enable_kv_cache_reuse=reuse))
         vocab = engine.vocab_size
         system = prompts(vocab, 1, system_len, seed=77)[0]
         # warm-up at the same length, nothing shared: the first request must not pay for kernel selection

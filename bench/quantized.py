@@ -69,8 +69,8 @@ def run(checkpoint: Path, device: str, dtype: str, modes: list[str], max_tokens:
     ids = corpus_ids(checkpoint, max_tokens)
     rows = []
     for mode in modes:
-        engine = LLMEngine(EngineConfig(str(checkpoint), dtype=dtype, device=device, max_num_seqs=4, max_model_len=640,
-                                        enforce_eager=True, gpu_memory_fraction=0.3, **MODES[mode]))
+        engine = LLMEngine(EngineConfig(str(checkpoint), dtype=dtype, device=device, max_batch_size=4, max_seq_len=640,
+                                        enforce_eager=True, kv_cache_free_gpu_mem_fraction=0.3, **MODES[mode]))
         ppl = perplexity(engine, ids)
         r = engine.runner
         rows.append({"mode": mode, "perplexity": ppl, "weight_bytes": weight_bytes(r.model),

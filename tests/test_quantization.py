@@ -83,7 +83,7 @@ def test_modelopt_fp8_checkpoint_runs_on_its_own_grid(tiny_checkpoint, modelopt_
 def test_the_checkpoint_says_how_it_runs(modelopt_fp8):
     """A ModelOpt FP8 export runs FP8 with its calibrated FP8 KV pages, without being told; other
     pre-quantized formats are refused by name."""
-    engine = LLMEngine(EngineConfig(str(modelopt_fp8), max_model_len=64, max_num_seqs=2))
+    engine = LLMEngine(EngineConfig(str(modelopt_fp8), max_seq_len=64, max_batch_size=2))
     assert engine.runner.quantization == "fp8" and engine.runner.kv.dtype == torch.float8_e4m3fn
     from trtbuild_runtime.config import UnsupportedModel, checkpoint_quantization
 
@@ -92,10 +92,10 @@ def test_the_checkpoint_says_how_it_runs(modelopt_fp8):
 
 
 @pytest.mark.parametrize("options", [dict(quantization="fp8"), dict(kv_cache_dtype="fp8"),
-                                     dict(quantization="fp8", kv_cache_dtype="fp8", speculative="ngram")])
+                                     dict(quantization="fp8", kv_cache_dtype="fp8", speculative_decoding_mode="ngram")])
 def test_quantized_engine_serves_and_stays_close(tiny_checkpoint, options):
-    base = LLMEngine(EngineConfig(str(tiny_checkpoint), max_model_len=64, max_num_seqs=4, page_size=16))
-    engine = LLMEngine(EngineConfig(str(tiny_checkpoint), max_model_len=64, max_num_seqs=4, page_size=16, **options))
+    base = LLMEngine(EngineConfig(str(tiny_checkpoint), max_seq_len=64, max_batch_size=4, kv_cache_page_size=16))
+    engine = LLMEngine(EngineConfig(str(tiny_checkpoint), max_seq_len=64, max_batch_size=4, kv_cache_page_size=16, **options))
     fp8_kv = options.get("kv_cache_dtype") == "fp8"
     assert engine.runner.kv.dtype == (torch.float8_e4m3fn if fp8_kv else torch.float32)
     assert engine.runner.block_bytes == base.runner.block_bytes // (4 if fp8_kv else 1)  # 1 byte vs float32's 4

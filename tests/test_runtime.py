@@ -62,19 +62,19 @@ def tiny_case(tiny_checkpoint):
 
 CONFIGS = {
     "plain": dict(),
-    "chunked-prefill": dict(max_num_batched_tokens=8, max_num_seqs=4),  # every prompt is cut into chunks
-    "preemption": dict(num_blocks=6, page_size=16, max_num_seqs=8),  # 6 blocks for 8 sequences
-    "prefix-cache": dict(enable_prefix_caching=True, page_size=16),
-    "speculative-ngram": dict(speculative="ngram", num_speculative_tokens=4, page_size=16),
-    "speculative-ngram-prefix-cache": dict(speculative="ngram", num_speculative_tokens=3, enable_prefix_caching=True,
-                                           page_size=16, max_num_seqs=6),  # drafts cross block edges; few rows to spare
+    "chunked-prefill": dict(max_num_tokens=8, max_batch_size=4),  # every prompt is cut into chunks
+    "preemption": dict(kv_cache_num_blocks=6, kv_cache_page_size=16, max_batch_size=8),  # 6 blocks for 8 sequences
+    "prefix-cache": dict(enable_kv_cache_reuse=True, kv_cache_page_size=16),
+    "speculative-ngram": dict(speculative_decoding_mode="ngram", max_draft_len=4, kv_cache_page_size=16),
+    "speculative-ngram-prefix-cache": dict(speculative_decoding_mode="ngram", max_draft_len=3, enable_kv_cache_reuse=True,
+                                           kv_cache_page_size=16, max_batch_size=6),  # drafts cross block edges; few rows to spare
 }
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_tiny_llama_greedy_equals_generate(tiny_checkpoint, tiny_case, name):
     ids, max_tokens, eos, expected = tiny_case
-    engine = LLMEngine(EngineConfig(str(tiny_checkpoint), max_model_len=96, **CONFIGS[name]))
+    engine = LLMEngine(EngineConfig(str(tiny_checkpoint), max_seq_len=96, **CONFIGS[name]))
     assert staggered(engine, ids, max_tokens, eos) == expected
     if name == "preemption":
         assert engine.scheduler.preemptions > 0
@@ -84,12 +84,12 @@ def test_tiny_llama_greedy_equals_generate(tiny_checkpoint, tiny_case, name):
 
 
 def test_shared_prefix_is_served_from_the_cache(tiny_checkpoint):
-    engine = LLMEngine(EngineConfig(str(tiny_checkpoint), max_model_len=160, page_size=16, enable_prefix_caching=True))
+    engine = LLMEngine(EngineConfig(str(tiny_checkpoint), max_seq_len=160, kv_cache_page_size=16, enable_kv_cache_reuse=True))
     system = list(range(10, 74))  # 64 tokens: 4 full blocks
     first = engine.generate([system + [5, 6, 7]], SamplingParams(max_tokens=8, top_k=1))[0]
     second = engine.generate([system + [8, 9]], SamplingParams(max_tokens=8, top_k=1))[0]
     assert first.cached_tokens == 0 and second.cached_tokens == 64
-    cold = LLMEngine(EngineConfig(str(tiny_checkpoint), max_model_len=160, page_size=16))
+    cold = LLMEngine(EngineConfig(str(tiny_checkpoint), max_seq_len=160, kv_cache_page_size=16))
     assert cold.generate([system + [8, 9]], SamplingParams(max_tokens=8, top_k=1))[0].generated_tokens == second.generated_tokens
 
 
@@ -99,14 +99,14 @@ def test_smollm2_greedy_equals_generate_over_the_shipped_prompts(smollm2):
     ids, eos = encode(smollm2, [p.prompt for p in prompts])
     max_tokens = [p.max_tokens for p in prompts]
     expected = reference(smollm2, ids, max_tokens, eos)
-    engine = LLMEngine(EngineConfig(str(smollm2), max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64))
+    engine = LLMEngine(EngineConfig(str(smollm2), max_seq_len=256, max_batch_size=8, max_num_tokens=64))
     assert staggered(engine, ids, max_tokens, eos, steps_between=3) == expected
 
 
 # ------------------------------------------------------------------ requests that must not hurt others
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
-    return LLMEngine(EngineConfig(str(tiny_checkpoint), max_model_len=64, max_num_seqs=4))
+    return LLMEngine(EngineConfig(str(tiny_checkpoint), max_seq_len=64, max_batch_size=4))
 
 
 @pytest.mark.parametrize("prompt, params, message", [
@@ -114,7 +114,7 @@ def engine(tiny_checkpoint):
     ([1, 10**6], SamplingParams(), "outside the vocabulary"),
     ([1, -1], SamplingParams(), "outside the vocabulary"),
     ([], SamplingParams(), "empty"),
-    ([1] * 60, SamplingParams(max_tokens=10), "max_model_len"),
+    ([1] * 60, SamplingParams(max_tokens=10), "max_seq_len"),
     ([1], SamplingParams(temperature=-1.0), "temperature"),
     ([1], SamplingParams(top_p=0.0), "top_p"),
     ([1], SamplingParams(end_ids=(-5,)), "end_id"),
@@ -139,7 +139,7 @@ def test_a_failing_step_fails_only_its_requests_and_serving_goes_on(engine, monk
 
 
 def test_engine_loop_rejects_alone_and_cancels(tiny_checkpoint):
-    loop = EngineLoop(LLMEngine(EngineConfig(str(tiny_checkpoint), max_model_len=64))).start()
+    loop = EngineLoop(LLMEngine(EngineConfig(str(tiny_checkpoint), max_seq_len=64))).start()
     try:
         with pytest.raises(ValueError):
             loop.add_request("bad", [1, 10**6], SamplingParams())
@@ -196,7 +196,7 @@ def test_short_prompts_as_decode_rows_equal_generate(tiny_checkpoint, tiny_case,
     """On CUDA a prompt step that fits a captured graph runs as decode rows (one per token, each with
     its own context length); forced here on the CPU, where the same rows run eagerly."""
     ids, max_tokens, eos, expected = tiny_case
-    engine = LLMEngine(EngineConfig(str(tiny_checkpoint), max_model_len=96, max_num_batched_tokens=24, max_num_seqs=6,
-                                    page_size=16, enable_prefix_caching=prefix_caching))
+    engine = LLMEngine(EngineConfig(str(tiny_checkpoint), max_seq_len=96, max_num_tokens=24, max_batch_size=6,
+                                    kv_cache_page_size=16, enable_kv_cache_reuse=prefix_caching))
     engine.runner._fits_graph = lambda batch: batch.is_prefill and batch.total_tokens <= 24
     assert staggered(engine, ids, max_tokens, eos) == expected

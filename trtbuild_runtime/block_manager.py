@@ -20,12 +20,12 @@ def block_hash(previous: bytes, tokens: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, page_size: int, enable_prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, page_size: int, enable_kv_cache_reuse: bool = False):
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
         self.num_blocks = num_blocks
         self.page_size = page_size
-        self.prefix_caching = enable_prefix_caching
+        self.prefix_caching = enable_kv_cache_reuse
         self.ref_count = [0] * num_blocks
         self.free: collections.OrderedDict[int, None] = collections.OrderedDict((b, None) for b in range(num_blocks))
         self.hash_of: dict[int, bytes] = {}  # block -> name, for full blocks

@@ -23,45 +23,45 @@ class EngineConfig:
     model: str
     dtype: str = "auto"  # auto (the checkpoint's), float32, float16, bfloat16
     device: str = "auto"
-    max_num_seqs: int = 64  # sequences in one decode step (CUDA graphs are captured up to this)
-    max_num_batched_tokens: int = 8192  # token budget of one step: chunked prefill splits prompts beyond it
-    max_model_len: int = 2048  # prompt + generated tokens
-    page_size: int = 32  # tokens per KV block
-    num_blocks: int | None = None  # None: from gpu_memory_fraction on CUDA, max_num_seqs full sequences on CPU
-    gpu_memory_fraction: float = 0.9  # of the memory free after weights and warm-up, for the KV pool
-    enable_prefix_caching: bool = False
+    max_batch_size: int = 64  # sequences in one decode step (CUDA graphs are captured up to this)
+    max_num_tokens: int = 8192  # token budget of one step: chunked prefill splits prompts beyond it
+    max_seq_len: int = 2048  # prompt + generated tokens
+    kv_cache_page_size: int = 32  # tokens per KV block
+    kv_cache_num_blocks: int | None = None  # None: from kv_cache_free_gpu_mem_fraction on CUDA, max_batch_size full sequences on CPU
+    kv_cache_free_gpu_mem_fraction: float = 0.9  # of the memory free after weights and warm-up, for the KV pool
+    enable_kv_cache_reuse: bool = False
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
     quantization: str = "none"  # weights and activations: none, fp8 (e4m3, per-channel weight, per-token activation scales)
     fp8_gemm: str = "rowwise"  # FP8 GEMM tactic: rowwise (scales in the GEMM), rowwise_fast_accum, tensorwise (an epilogue)
     kv_cache_dtype: str = "auto"  # auto (the model dtype), fp8 (e4m3 pages, one scale per layer)
-    speculative: str = "none"  # none, ngram (prompt lookup)
-    num_speculative_tokens: int = 4  # draft tokens verified per step (TensorRT-LLM's max_draft_len)
-    prompt_lookup_max: int = 3  # longest suffix n-gram prompt lookup matches
+    speculative_decoding_mode: str = "none"  # none, ngram (prompt lookup)
+    max_draft_len: int = 4  # draft tokens verified per step (TensorRT-LLM's max_draft_len)
+    max_matching_ngram_size: int = 3  # longest suffix n-gram prompt lookup matches
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size"):
+        for name in ("max_batch_size", "max_num_tokens", "max_seq_len", "kv_cache_page_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.page_size & (self.page_size - 1) or self.page_size < 16:
-            raise ValueError(f"page_size must be a power of two >= 16 (the attention kernel's tile), got {self.page_size}")
+        if self.kv_cache_page_size & (self.kv_cache_page_size - 1) or self.kv_cache_page_size < 16:
+            raise ValueError(f"kv_cache_page_size must be a power of two >= 16 (the attention kernel's tile), got {self.kv_cache_page_size}")
         for name, value, allowed in (("quantization", self.quantization, QUANTIZATIONS),
                                      ("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES),
-                                     ("speculative", self.speculative, SPECULATIVE_MODES),
+                                     ("speculative_decoding_mode", self.speculative_decoding_mode, SPECULATIVE_MODES),
                                      ("fp8_gemm", self.fp8_gemm, FP8_GEMMS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.speculative != "none" and not 1 <= self.num_speculative_tokens <= 16:
-            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
-        if not 0.0 < self.gpu_memory_fraction <= 1.0:
-            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
-        # a whole prompt of max_model_len must fit in one step's budget or be chunked: both work,
+        if self.speculative_decoding_mode != "none" and not 1 <= self.max_draft_len <= 16:
+            raise ValueError(f"max_draft_len must be in [1, 16], got {self.max_draft_len}")
+        if not 0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0:
+            raise ValueError(f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {self.kv_cache_free_gpu_mem_fraction}")
+        # a whole prompt of max_seq_len must fit in one step's budget or be chunked: both work,
         # but a step must at least hold one token per running sequence
-        self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_num_seqs)
+        self.max_num_tokens = max(self.max_num_tokens, self.max_batch_size)
 
     @property
     def max_blocks_per_seq(self) -> int:
-        return -(-self.max_model_len // self.page_size)
+        return -(-self.max_seq_len // self.kv_cache_page_size)
 
 
 def read_hf_config(model: str | Path) -> dict:
@@ -80,7 +80,7 @@ def checkpoint_quantization(config: dict) -> str:
     raise UnsupportedModel(f"a pre-quantized checkpoint (quantization_config {method} {algo or ''}; the engine runs ModelOpt FP8)")
 
 
-def check_supported(model: str | Path, max_model_len: int | None = None) -> dict:
+def check_supported(model: str | Path, max_seq_len: int | None = None) -> dict:
     """The checkpoint's config.json if this engine can run it; UnsupportedModel says why not."""
     config = read_hf_config(model)
     model_type = config.get("model_type")
@@ -92,7 +92,7 @@ def check_supported(model: str | Path, max_model_len: int | None = None) -> dict
     if config.get("mlp_bias"):
         raise UnsupportedModel("mlp_bias")
     window = config.get("sliding_window")
-    if config.get("use_sliding_window") or (model_type == "mistral" and window and (max_model_len is None or window < max_model_len)):
+    if config.get("use_sliding_window") or (model_type == "mistral" and window and (max_seq_len is None or window < max_seq_len)):
         raise UnsupportedModel(f"sliding-window attention (window {window} tokens)")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))

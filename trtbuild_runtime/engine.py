@@ -44,11 +44,11 @@ class RequestOutput:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.hf_config = check_supported(config.model, config.max_model_len)
+        self.hf_config = check_supported(config.model, config.max_seq_len)
         self.runner = ModelRunner(config, self.hf_config)
         self.vocab_size = self.runner.vocab_size
-        self.blocks = BlockManager(self.runner.num_blocks, config.page_size, config.enable_prefix_caching)
-        proposer = PromptLookup(config.num_speculative_tokens, config.prompt_lookup_max) if config.speculative == "ngram" else None
+        self.blocks = BlockManager(self.runner.num_blocks, config.kv_cache_page_size, config.enable_kv_cache_reuse)
+        proposer = PromptLookup(config.max_draft_len, config.max_matching_ngram_size) if config.speculative_decoding_mode == "ngram" else None
         self.scheduler = Scheduler(config, self.blocks, proposer, self.runner.graph_sizes[-1] if self.runner.graphs else None)
         self.speculation = SpeculativeStats()
         self.seqs: dict[str, Sequence] = {}
@@ -64,9 +64,9 @@ class LLMEngine:
         bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if len(prompt) + params.max_tokens > self.config.max_model_len:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len "
-                             f"{self.config.max_model_len}")
+        if len(prompt) + params.max_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
 
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if request_id in self.seqs:

@@ -1,11 +1,11 @@
 """Tensors in, tokens out: the KV pool, a step's inputs, CUDA graphs for decode, and sampling.
 
 The pool is sized once, at start: on CUDA from the memory left free after the weights and a
-warm-up prefill at the full token budget (times `gpu_memory_fraction`); on CPU for `max_num_seqs`
+warm-up prefill at the full token budget (times `kv_cache_free_gpu_mem_fraction`); on CPU for `max_batch_size`
 full-length sequences, refused with the numbers if that exceeds the machine's available RAM.
 
 Decode steps replay CUDA graphs captured at bucketed row counts (1, 2, 4, 8, 16, 32, 48, ...), up
-to max(max_num_seqs, 128): a row is a sequence's next token, or a draft token, or a token of a
+to max(max_batch_size, 128): a row is a sequence's next token, or a draft token, or a token of a
 prompt step short enough to fit (a prompt after a prefix-cache hit, a short prompt); those run as
 decode rows with their own context lengths instead of an eager prefill, whose launches alone cost
 milliseconds. The step's inputs are copied into static buffers, padded rows write their K/V into the scratch
@@ -89,9 +89,9 @@ def available_ram() -> int:
 MIN_GRAPH_ROWS = 128  # a small engine still replays a graph for a 128-token prompt step
 
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 1, 16 if max_num_seqs <= 128 else 32))
-    return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
+def capture_sizes(max_batch_size: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_batch_size + 1, 16 if max_batch_size <= 128 else 32))
+    return sorted({s for s in sizes if s < max_batch_size} | {max_batch_size})
 
 
 class ModelRunner:
@@ -102,11 +102,11 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.quantization = resolve_quantization(config.quantization, hf_config, self.device)
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, hf_config, self.dtype, self.device)
-        self.model = load_model(config.model, self.dtype, self.device, config.max_model_len, self.quantization, config.fp8_gemm)
+        self.model = load_model(config.model, self.dtype, self.device, config.max_seq_len, self.quantization, config.fp8_gemm)
         self.vocab_size = self.model.vocab_size
         first = self.model.layers[0].attn
         self.kv_heads, self.head_dim, self.num_layers = first.kv_heads, first.head_dim, len(self.model.layers)
-        self.page = config.page_size
+        self.page = config.kv_cache_page_size
         self.num_blocks = self._size_pool()
         shape = (self.num_layers, 2, self.num_blocks + 1, self.page, self.kv_heads, self.head_dim)
         self.kv = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
@@ -115,7 +115,7 @@ class ModelRunner:
         self.trash_slot = self.num_blocks * self.page
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # rows a step may hold: a sequence each, plus draft tokens and short prompts, which run as rows too
-        self.max_rows = max(config.max_num_seqs, MIN_GRAPH_ROWS)
+        self.max_rows = max(config.max_batch_size, MIN_GRAPH_ROWS)
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture()
 
@@ -126,18 +126,18 @@ class ModelRunner:
 
     def _size_pool(self) -> int:
         c = self.config
-        wanted = c.num_blocks
+        wanted = c.kv_cache_num_blocks
         if self.device.type == "cuda":
             self._warm_up()
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * c.gpu_memory_fraction)
+            budget = int(free * c.kv_cache_free_gpu_mem_fraction)
             fits = budget // self.block_bytes
             if wanted is None:
                 wanted = fits
-            where = f"{free / 2**30:.1f} GiB free on {torch.cuda.get_device_name(self.device)} x {c.gpu_memory_fraction}"
+            where = f"{free / 2**30:.1f} GiB free on {torch.cuda.get_device_name(self.device)} x {c.kv_cache_free_gpu_mem_fraction}"
         else:
             if wanted is None:
-                wanted = c.max_num_seqs * c.max_blocks_per_seq
+                wanted = c.max_batch_size * c.max_blocks_per_seq
             fits = int(available_ram() * 0.8) // self.block_bytes
             where = f"{available_ram() / 2**30:.1f} GiB RAM available (80% usable)"
         if wanted > fits:
@@ -145,15 +145,15 @@ class ModelRunner:
                               f"but {where} holds {fits}: lower max_batch_size or max_input_len + max_output_len")
         if wanted < c.max_blocks_per_seq:
             raise OutOfMemory(f"the KV cache holds {wanted} blocks of {self.page} tokens, fewer than one sequence of "
-                              f"max_model_len {c.max_model_len} needs ({c.max_blocks_per_seq})")
+                              f"max_seq_len {c.max_seq_len} needs ({c.max_blocks_per_seq})")
         log.info("KV cache: %d blocks x %d tokens (%.2f GiB, %s)", wanted, self.page, wanted * self.block_bytes / 2**30, where)
         return wanted
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
         """One prefill at the full token budget, so the pool leaves room for its activations."""
-        tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len * self.config.max_num_seqs)
-        length = min(tokens, self.config.max_model_len)
+        tokens = min(self.config.max_num_tokens, self.config.max_seq_len * self.config.max_batch_size)
+        length = min(tokens, self.config.max_seq_len)
         seqs = max(1, tokens // length)
         ids = torch.zeros(seqs * length, dtype=torch.long, device=self.device)
         positions = torch.arange(length, device=self.device).repeat(seqs)

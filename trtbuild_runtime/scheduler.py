@@ -46,9 +46,9 @@ class Batch:
 class Scheduler:
     def __init__(self, config: EngineConfig, blocks: BlockManager, proposer: PromptLookup | None = None,
                  max_rows: int | None = None):
-        self.max_num_seqs = config.max_num_seqs
-        self.max_rows = max_rows or config.max_num_seqs  # rows one decode step may compute (drafts included)
-        self.budget = config.max_num_batched_tokens
+        self.max_batch_size = config.max_batch_size
+        self.max_rows = max_rows or config.max_batch_size  # rows one decode step may compute (drafts included)
+        self.budget = config.max_num_tokens
         self.blocks = blocks
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
@@ -71,7 +71,7 @@ class Scheduler:
             if budget == 0:
                 break
             if not seq.block_table and seq.num_computed == 0:
-                if len(self.running) + admitted >= self.max_num_seqs:
+                if len(self.running) + admitted >= self.max_batch_size:
                     break
                 if not self.blocks.can_allocate(seq, min(len(seq), seq.num_computed + budget)):
                     break

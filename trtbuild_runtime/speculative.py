@@ -38,7 +38,7 @@ class PromptLookup:
 
     def __init__(self, num_tokens: int, max_ngram: int = 3, min_ngram: int = 1):
         if num_tokens < 1:
-            raise ValueError(f"num_speculative_tokens must be >= 1, got {num_tokens}")
+            raise ValueError(f"max_draft_len must be >= 1, got {num_tokens}")
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"prompt lookup n-gram sizes must satisfy 1 <= min <= max, got {min_ngram}, {max_ngram}")
         self.num_tokens = num_tokens

@@ -131,19 +131,19 @@ class TritonPythonModel:
         p, o = self.params, self.cb_options
         device = runtime.resolve_device(p["device"])
         config = EngineConfig(
-            model=p["checkpoint_dir"], dtype=p["dtype"], device=device, max_num_seqs=self.max_batch_size,
-            max_num_batched_tokens=int(p.get("max_num_tokens", 8192)), max_model_len=self.max_seq_len,
-            page_size=o["page_size"], num_blocks=o["num_blocks"] if device == "cpu" else None,
-            gpu_memory_fraction=o["free_gpu_mem_fraction"],
-            enable_prefix_caching=p.get("enable_kv_cache_reuse", "false").lower() == "true",
+            model=p["checkpoint_dir"], dtype=p["dtype"], device=device, max_batch_size=self.max_batch_size,
+            max_num_tokens=int(p.get("max_num_tokens", 8192)), max_seq_len=self.max_seq_len,
+            kv_cache_page_size=o["page_size"], kv_cache_num_blocks=o["num_blocks"] if device == "cpu" else None,
+            kv_cache_free_gpu_mem_fraction=o["free_gpu_mem_fraction"],
+            enable_kv_cache_reuse=p.get("enable_kv_cache_reuse", "false").lower() == "true",
             quantization=p.get("quantization", "none"), kv_cache_dtype=p.get("kv_cache_dtype", "auto"),
-            speculative=p.get("speculative_decoding_mode", "none"), num_speculative_tokens=int(p.get("max_draft_len", 4)),
-            prompt_lookup_max=int(p.get("max_matching_ngram_size", 3)),
+            speculative_decoding_mode=p.get("speculative_decoding_mode", "none"), max_draft_len=int(p.get("max_draft_len", 4)),
+            max_matching_ngram_size=int(p.get("max_matching_ngram_size", 3)),
         )
         engine = LLMEngine(config)
         r = engine.runner
-        pb_utils.Logger.log_info(f"trtbuild_runtime: {r.num_blocks} KV blocks of {config.page_size} tokens ({r.kv_dtype}) on "
-                                 f"{r.device} ({r.dtype}, quantization {r.quantization}), speculative {config.speculative}, "
+        pb_utils.Logger.log_info(f"trtbuild_runtime: {r.num_blocks} KV blocks of {config.kv_cache_page_size} tokens ({r.kv_dtype}) on "
+                                 f"{r.device} ({r.dtype}, quantization {r.quantization}), speculative {config.speculative_decoding_mode}, "
                                  f"CUDA graphs for {sorted(r.graphs)}")
         return EngineLoop(engine).start()
 
