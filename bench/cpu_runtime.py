@@ -4,7 +4,7 @@ Rows: `generate` one prompt at a time (batch 1) and as a static batch of 8; the 
 stream and with 8 concurrent streams (closed loop, requests joining as others finish). Prompts
 from builder/data/prompts.jsonl, output length forced (EOS ignored). Prints a table, writes JSON.
 
-    .venv/bin/python bench/cpu_runtime.py --out bench/results/$(date +%F)-cpu-2core-runtime.json
+    .venv/bin/python -m bench.cpu_runtime --out bench/results/$(date +%F)-cpu-2core-runtime.json
 """
 
 from __future__ import annotations
@@ -14,20 +14,17 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from builder.checkpoint import write_demo_checkpoint  # noqa: E402
-from builder.validate import DEFAULT_PROMPTS  # noqa: E402
-from clients.accuracy import load_prompts  # noqa: E402
-from trtbuild_runtime import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from trtbuild.checkpoint import write_demo_checkpoint
+from trtbuild.quality.validate import DEFAULT_PROMPTS
+from trtbuild.quality.accuracy import load_prompts
+from trtbuild_runtime import EngineConfig, LLMEngine, SamplingParams
 
 
 def hf_rate(model, prompts: list[list[int]], batch: int, new_tokens: int) -> float:

@@ -11,5 +11,5 @@ cat .smol/a/gguf.part-a .smol/b/gguf.part-b > $CACHE/SmolLM2-135M-Instruct.Q4_1.
 echo "$(cat .smol/b/gguf.sha256)  $CACHE/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c -
 python3 -m pip install -q --no-index --no-deps --target /tmp/gguf-site .smol/b/gguf-*.whl
 export PYTHONPATH=$PYTHONPATH:/tmp/gguf-site XDG_CACHE_HOME=/tmp/xdg
-python3 -c "from builder.checkpoint import write_demo_checkpoint; write_demo_checkpoint('/tmp/smollm2', 'smollm2', dtype='bfloat16', force=True)"
-python3 bench/gpu_suite.py --out "${OUT:-artifacts/gpu}" --stages smollm2 --smollm2 /tmp/smollm2 "$@"
+python3 -c "from trtbuild.checkpoint import write_demo_checkpoint; write_demo_checkpoint('/tmp/smollm2', 'smollm2', dtype='bfloat16', force=True)"
+python3 -m bench.gpu_suite --out "${OUT:-artifacts/gpu}" --stages smollm2 --smollm2 /tmp/smollm2 "$@"

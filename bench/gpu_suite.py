@@ -34,7 +34,6 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -42,10 +41,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from builder.checkpoint import load_model_spec  # noqa: E402
-from trtbuild_runtime import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from trtbuild.checkpoint import load_model_spec
+from trtbuild_runtime import EngineConfig, LLMEngine, SamplingParams
 
 PRESETS = {
     # ~1.07B parameters: hidden 2048, 16 layers, GQA 32/8, SmolLM2's 49,152-token vocabulary
@@ -460,12 +458,12 @@ def through_triton(suite: Suite, checkpoint: Path, device: str, dtype: str, conc
 
     `build`: comma-separated `trtbuild repo` settings for the served build (quantization=fp8,
     kv_cache_dtype=fp8, enable_kv_cache_reuse=true, speculative_decoding_mode=ngram), shown in the row names."""
-    from builder.repository import generate as generate_repository  # tritonclient: only this stage needs it
-    from builder.server import TritonServer
-    from builder.spec import BuildSpec, KVCacheSpec
-    from clients.bench import BenchConfig, run_benchmark
-    from clients.loadgen import LoadPoint
-    from clients.prompts import LengthDistribution
+    from trtbuild.runtimes import generate as generate_repository  # tritonclient: only this stage needs it
+    from trtbuild.deploy.server import TritonServer
+    from trtbuild.spec import BuildSpec, KVCacheSpec
+    from trtbuild.bench.run import BenchConfig, run_benchmark
+    from trtbuild.bench.loadgen import LoadPoint
+    from trtbuild.clients.prompts import LengthDistribution
 
     text_env = os.environ.get("TRTBUILD_TEXT_ENV")
     settings = dict(item.split("=", 1) for item in build.split(",") if item)

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh
 export PYTHONUNBUFFERED=1
-python3 bench/gpu_suite.py --out "${OUT:-artifacts/gpu}" "$@"
+python3 -m bench.gpu_suite --out "${OUT:-artifacts/gpu}" "$@"

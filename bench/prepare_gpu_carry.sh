@@ -19,7 +19,7 @@ for p in numpy==1.26.4 tritonclient==2.73.0 python-rapidjson==1.25 grpcio==1.85.
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl "$p"
 done
 $PY - <<'PY'
-from builder.checkpoint import load_smollm2_tokenizer
+from trtbuild.checkpoint import load_smollm2_tokenizer
 load_smollm2_tokenizer().save_pretrained(".gpu/tokenizer")
 PY
 du -sh .gpu

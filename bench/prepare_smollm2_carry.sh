@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-GGUF=$($PY -c "from builder.checkpoint import _smollm2_dir, SMOLLM2_GGUF; print(_smollm2_dir() / SMOLLM2_GGUF)")
+GGUF=$($PY -c "from trtbuild.checkpoint import _smollm2_dir, SMOLLM2_GGUF; print(_smollm2_dir() / SMOLLM2_GGUF)")
 rm -rf .smol && mkdir -p .smol/a .smol/b
 head -c 56623104 "$GGUF" > .smol/a/gguf.part-a
 tail -c +56623105 "$GGUF" > .smol/b/gguf.part-b

@@ -5,7 +5,7 @@ chunks: every chunk after the first attends to the KV pages the earlier chunks w
 KV cache is exercised exactly as decoding exercises it. Modes: the model dtype, FP8 weights and
 activations, an FP8 KV cache, both. Prints a table, writes JSON; bench/gpu_suite.py runs it on the GPU.
 
-    .venv/bin/python bench/quantized.py --out bench/results/$(date +%F)-cpu-quantized-ppl.json
+    .venv/bin/python -m bench.quantized --out bench/results/$(date +%F)-cpu-quantized-ppl.json
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from builder.validate import DEFAULT_CORPUS  # noqa: E402
-from trtbuild_runtime import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from trtbuild_runtime import attention  # noqa: E402
-from trtbuild_runtime.quantization import weight_bytes  # noqa: E402
-from trtbuild_runtime.scheduler import Batch  # noqa: E402
-from trtbuild_runtime.sequence import Sequence  # noqa: E402
+from trtbuild.quality.validate import DEFAULT_CORPUS
+from trtbuild_runtime import EngineConfig, LLMEngine, SamplingParams
+from trtbuild_runtime import attention
+from trtbuild_runtime.quantization import weight_bytes
+from trtbuild_runtime.scheduler import Batch
+from trtbuild_runtime.sequence import Sequence
 
 MODES = {"base": {}, "fp8": dict(quantization="fp8"), "kv-fp8": dict(kv_cache_dtype="fp8"),
          "fp8+kv-fp8": dict(quantization="fp8", kv_cache_dtype="fp8")}
@@ -94,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     checkpoint = a.checkpoint
     if checkpoint is None:
-        from builder.checkpoint import write_demo_checkpoint
+        from trtbuild.checkpoint import write_demo_checkpoint
 
         checkpoint = write_demo_checkpoint(Path(tempfile.mkdtemp()) / "smollm2", "smollm2")
     report = run(checkpoint, a.device, a.dtype, a.modes.split(","))

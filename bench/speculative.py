@@ -6,8 +6,8 @@ template. Each prompt runs alone (single-stream latency is what speculation is f
 then with `speculative_decoding_mode="ngram"` at each draft length; outputs must match token for token.
 Prints a table, writes JSON.
 
-    .venv/bin/python bench/speculative.py --out bench/results/$(date +%F)-cpu-speculative.json
-    python3 bench/speculative.py --checkpoint DIR --device cuda --dtype bfloat16   # on the GPU
+    .venv/bin/python -m bench.speculative --out bench/results/$(date +%F)-cpu-speculative.json
+    python -m bench.speculative --checkpoint DIR --device cuda --dtype bfloat16   # on the GPU
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from builder.validate import DEFAULT_CORPUS  # noqa: E402
-from trtbuild_runtime import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from trtbuild.quality.validate import DEFAULT_CORPUS
+from trtbuild_runtime import EngineConfig, LLMEngine, SamplingParams
 
 TASK = "Rewrite the following passage, keeping every sentence but replacing the name of the main character with Ada:\n\n{passage}"
 
@@ -125,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     checkpoint = a.checkpoint
     if checkpoint is None:
-        from builder.checkpoint import write_demo_checkpoint
+        from trtbuild.checkpoint import write_demo_checkpoint
 
         checkpoint = write_demo_checkpoint(Path(tempfile.mkdtemp()) / "smollm2", "smollm2")
     report = run(checkpoint, a.device, a.dtype, a.prompts, a.max_tokens, [int(k) for k in a.draft_lengths.split(",")])

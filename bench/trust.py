@@ -27,7 +27,7 @@
    gRPC above our HTTP). perf_analyzer is measured too when it is on PATH.
 
 Loopback only; every loop is bounded by a request count or a duration.
-Usage: python bench/trust.py [--out artifacts/bench-trust.json] [--duration 3] [--repeats 3] [--concurrency 1,16]
+Usage: python -m bench.trust [--out artifacts/bench-trust.json] [--duration 3] [--repeats 3] [--concurrency 1,16]
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import textwrap
 import urllib.request
@@ -49,16 +48,15 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from builder.server import ServerOptions, TritonServer  # noqa: E402
-from clients.bench import BenchConfig, run_benchmark  # noqa: E402
-from clients.loadgen import LoadPoint  # noqa: E402
-from clients.prompts import LengthDistribution  # noqa: E402
-from clients.target import interface_from, random_tensor_inputs  # noqa: E402
-from clients.transport import HttpTransport  # noqa: E402
+from trtbuild.deploy.server import ServerOptions, TritonServer
+from trtbuild.bench.run import BenchConfig, run_benchmark
+from trtbuild.bench.loadgen import LoadPoint
+from trtbuild.clients.prompts import LengthDistribution
+from trtbuild.clients.target import interface_from, random_tensor_inputs
+from trtbuild.clients.transport import HttpTransport
 
 console = Console(width=max(Console().width, 170))
 
@@ -131,9 +129,9 @@ def server_window(ts: dict[str, list[float]]) -> tuple[float, float, float] | No
 
 
 def accounting(work: Path, requests: int, concurrency: int) -> list[dict]:
-    from builder.checkpoint import load_model_spec, write_demo_checkpoint
-    from builder.repository import generate
-    from builder.spec import BuildSpec
+    from trtbuild.checkpoint import load_model_spec, write_demo_checkpoint
+    from trtbuild.runtimes import generate
+    from trtbuild.spec import BuildSpec
 
     checkpoint = write_demo_checkpoint(work / "tiny-llama", "tiny-llama", force=True)
     spec = BuildSpec(checkpoint=checkpoint, model=load_model_spec(checkpoint), max_batch_size=4, max_input_len=128, max_output_len=64)

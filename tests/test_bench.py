@@ -12,13 +12,13 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-from builder.errors import TrtbuildError
-from clients.compare import compare, load_result
-from clients.loadgen import LoadPoint, arrival_offsets, closed_loop, open_loop
-from clients.metrics import SLO, RequestRecord, Stats, summarize
-from clients.prompts import LengthDistribution, Prompt, load_jsonl, load_tokenizer, synthetic_prompts
-from clients.target import detect_kind, interface_from, llm_arrays, llm_json, random_tensor_inputs
-from clients.transport import HttpTransport
+from trtbuild.errors import TrtbuildError
+from trtbuild.bench.compare import compare, load_result
+from trtbuild.bench.loadgen import LoadPoint, arrival_offsets, closed_loop, open_loop
+from trtbuild.bench.metrics import SLO, RequestRecord, Stats, summarize
+from trtbuild.clients.prompts import LengthDistribution, Prompt, load_jsonl, load_tokenizer, synthetic_prompts
+from trtbuild.clients.target import detect_kind, interface_from, llm_arrays, llm_json, random_tensor_inputs
+from trtbuild.clients.transport import HttpTransport
 
 
 def rec(index, send, arrivals, out_tokens, in_tokens=10, error=None, warmup=False, end=None):
@@ -309,7 +309,7 @@ def test_compare_faster_and_speedups(tmp_path):
 
 
 def test_compare_regression_exit_code(tmp_path):
-    from builder.cli import main
+    from trtbuild.cli import main
 
     rng = np.random.default_rng(1)
     base = result_file(tmp_path, "base", 1000.0, rng.normal(100, 5, 60), rng.normal(20, 2, 60))

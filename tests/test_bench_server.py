@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from builder.errors import TrtbuildError
-from clients.bench import BenchConfig, run_benchmark
-from clients.loadgen import LoadPoint
-from clients.prompts import LengthDistribution, load_tokenizer
-from clients.report import write
+from trtbuild.errors import TrtbuildError
+from trtbuild.bench.run import BenchConfig, run_benchmark
+from trtbuild.bench.loadgen import LoadPoint
+from trtbuild.clients.prompts import LengthDistribution, load_tokenizer
+from trtbuild.bench.report import write
 
 pytestmark = pytest.mark.server
 
@@ -75,7 +75,7 @@ def test_grpc_streaming_ensemble(tiny_server, tiny_checkpoint):
 
 
 def test_http_bls_open_loop_and_cli_outputs(tiny_server, tmp_path):
-    from builder.cli import main
+    from trtbuild.cli import main
 
     out = tmp_path / "bench"
     args = ["bench", "run", "--protocol", "http", "--url", tiny_server.http_url, "--model", "llm_bls",
@@ -129,7 +129,7 @@ def test_model_not_found(tiny_server):
 
 
 def test_server_stopped_mid_run_keeps_partial_results(tiny_repository, tmp_path):
-    from builder.server import TritonServer
+    from trtbuild.deploy.server import TritonServer
 
     server = TritonServer(tiny_repository, log_path=tmp_path / "server.log").start()
     some_done = threading.Event()
@@ -236,7 +236,7 @@ ECHO_CONFIGS = {
 
 @pytest.fixture(scope="module")
 def echo_server(tmp_path_factory):
-    from builder.server import TritonServer
+    from trtbuild.deploy.server import TritonServer
 
     repo = tmp_path_factory.mktemp("echo") / "repo"
     for name, config in ECHO_CONFIGS.items():

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from builder.cli import main
+from trtbuild.cli import main
 
 
 def run(*args):
@@ -84,7 +84,7 @@ def test_checkpoint_without_tokenizer(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_generate_against_no_server_is_one_line(protocol):
-    from builder.server import free_port
+    from trtbuild.deploy.server import free_port
 
     code, out = run("generate", "hi", "--url", f"127.0.0.1:{free_port()}", "--protocol", protocol)
     assert code == 2 and "cannot reach" in out and "Traceback" not in out
@@ -95,7 +95,7 @@ def test_smollm2_comes_from_the_wheel_alone_after_a_plain_install(tmp_path, monk
     import subprocess
     import zipfile
 
-    from builder import checkpoint
+    from trtbuild import checkpoint
 
     calls = []
 

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from builder.cli import main
-from builder.compose import install_compose_plugin, plan_compose, render_compose, validate_compose, write_compose
-from builder.engine import ENGINE_MANIFEST, TRITON_TRTLLM_IMAGE, spec_from_engine
-from builder.errors import TrtbuildError
-from builder.repository import generate
+from trtbuild.cli import main
+from trtbuild.deploy.compose import install_compose_plugin, plan_compose, render_compose, validate_compose, write_compose
+from trtbuild.build.engine import ENGINE_MANIFEST, TRITON_TRTLLM_IMAGE, spec_from_engine
+from trtbuild.errors import TrtbuildError
+from trtbuild.runtimes import generate
 from test_engine import engine_manifest, write_engine_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,8 +73,8 @@ def test_multi_gpu_tensorrtllm_launches_one_rank_per_gpu(tiny_checkpoint, tmp_pa
 
 
 def test_llmapi_runs_one_rank_that_starts_its_own_workers(tiny_checkpoint, tmp_path, docker_config):
-    from builder.checkpoint import load_model_spec
-    from builder.spec import BuildSpec
+    from trtbuild.checkpoint import load_model_spec
+    from trtbuild.spec import BuildSpec
 
     spec = BuildSpec(checkpoint=tiny_checkpoint, model=load_model_spec(tiny_checkpoint), runtime="llmapi", world_size=2,
                      max_batch_size=2, max_input_len=64, max_output_len=32)

@@ -3,14 +3,11 @@ tokenizer we ship, on random token streams cut into random chunks (multi-byte ch
 leading spaces split across tokens included)."""
 
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_repo_templates" / "_common"))
-
-from trtbuild_tokenizer import IncrementalDecoder, Tokenizer  # noqa: E402
+from trtbuild_runtime.backend.tokenizer import IncrementalDecoder, Tokenizer
 
 TEXT = "Grüße aus Köln! 東京は晴れ 🌞🌧  spaces   and\ttabs\nnew lines, émigré naïve café. ¿Qué tal? 12345"
 

@@ -11,7 +11,6 @@ import dataclasses
 import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,15 @@ from click.testing import CliRunner
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2
 
-from builder.cli import main
-from builder.engine import (
+from trtbuild.cli import main
+from trtbuild.build.engine import (
     ENGINE_MANIFEST, PRECISIONS, TRITON_TRTLLM_IMAGE, TRTLLM_BUILD, EngineManifest, EngineOptions, Gpu, Runner,
     build_engine, choose_runner, plan_engine, read_engine_config, read_source, spec_from_engine,
 )
-from builder.errors import TrtbuildError
-from builder.repository import TEMPLATE_ROOT, generate, load_manifest
+from trtbuild.errors import TrtbuildError
+from trtbuild.resources import RUNTIME_PACKAGE
+from trtbuild.runtimes import generate
+from trtbuild.repository.render import load_manifest
 
 A100 = Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 81920)
 L40S = Gpu("NVIDIA L40S", (8, 9), 46068)
@@ -268,7 +269,7 @@ def test_every_precision_builds_on_hopper(tiny_checkpoint, tmp_path, precision):
         (dict(precision="fp16", tokens_per_block=48), (), "--tokens-per-block must be a power of two"),
         (dict(precision="fp16", tp_size=3), (), "--tp-size 3 does not divide num_attention_heads 4"),
         (dict(precision="fp16", tp_size=2), (), None),
-        # TensorRT-LLM could replicate 2 KV heads over 4 ranks, but the ModelOpt export refuses it (builder.quantize)
+        # TensorRT-LLM could replicate 2 KV heads over 4 ranks, but the ModelOpt export refuses it (trtbuild.build.quantize)
         (dict(precision="fp16", tp_size=4), (), "--tp-size 4 does not divide num_key_value_heads 2"),
         (dict(precision="fp16", pp_size=3), (), "--pp-size 3 exceeds the 2 layers"),
         (dict(precision="fp16", workers=2), (), "--workers 2 exceeds the 1 ranks"),
@@ -353,9 +354,9 @@ def test_exported_checkpoint_mismatches(tiny_checkpoint, tmp_path, options, mess
 
 
 def test_a_real_modelopt_export_is_read_as_written(tiny_checkpoint, tmp_path):
-    """The conversion step's own output (builder.quantize, fp16, tp 2), not a hand-written fixture."""
-    from builder.engine import ConvertStep, default_converter
-    from builder.inspection import inspect_path
+    """The conversion step's own output (trtbuild.build.quantize, fp16, tp 2), not a hand-written fixture."""
+    from trtbuild.build.engine import ConvertStep, default_converter
+    from trtbuild.build.inspection import inspect_path
 
     step = ConvertStep(tiny_checkpoint, "fp16", "auto", "float16", 2, 1)
     default_converter(step, tmp_path / "export")
@@ -394,7 +395,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path):
     data = json.loads(text[text.index("{"):])
     assert data["build_config"]["precision"] == "int8_sq" and data["build_config"]["tp_size"] == 2
     assert data["image"] == TRITON_TRTLLM_IMAGE
-    assert data["steps"][0].startswith("builder.quantize") and "trtllm-build" in data["steps"][1]
+    assert data["steps"][0].startswith("trtbuild.build.quantize") and "trtllm-build" in data["steps"][1]
     assert not out.exists() and not out.parent.exists()
 
 
@@ -433,8 +434,8 @@ def test_build_refuses_a_non_empty_out(tiny_checkpoint, tmp_path):
                     reason="trtllm-build is not on PATH: TensorRT-LLM cannot be installed on this machine "
                            "(its PyPI package downloads from NVIDIA's unreachable index)")
 def test_real_engine_build(tiny_checkpoint, tmp_path):
-    if importlib.util.find_spec("builder.quantize") is None:
-        pytest.skip("builder.quantize (the Hugging Face -> TensorRT-LLM checkpoint step) is not available")
+    if importlib.util.find_spec("trtbuild.build.quantize") is None:
+        pytest.skip("trtbuild.build.quantize (the Hugging Face -> TensorRT-LLM checkpoint step) is not available")
     p = plan_engine(tiny_checkpoint, EngineOptions(precision="fp16", max_batch_size=4, max_input_len=64, max_seq_len=128),
                     tmp_path / "engine", runner=Runner("local"))
     manifest = build_engine(p)
@@ -447,7 +448,7 @@ def test_real_engine_build(tiny_checkpoint, tmp_path):
 
 
 def test_tokenizer_copy_takes_no_weights(tiny_checkpoint, tmp_path):
-    from builder.engine import copy_tokenizer
+    from trtbuild.build.engine import copy_tokenizer
     from transformers import AutoTokenizer
 
     copy_tokenizer(tiny_checkpoint, tmp_path / "tok")
@@ -613,13 +614,9 @@ def test_tensorrtllm_runtime_on_a_checkpoint_says_build_an_engine(tiny_checkpoin
 # ----------------------------------------------------------------------------- llmapi repository
 @pytest.fixture(scope="module")
 def llmapi_config_module():
-    sys.path.insert(0, str(TEMPLATE_ROOT / "llmapi" / "1"))
-    try:
-        import llmapi_config
+    from trtbuild_runtime.backend import llmapi_config
 
-        yield llmapi_config
-    finally:
-        sys.path.remove(str(TEMPLATE_ROOT / "llmapi" / "1"))
+    return llmapi_config
 
 
 @pytest.mark.parametrize(
@@ -650,7 +647,7 @@ def test_llmapi_repository(tiny_checkpoint, tmp_path, llmapi_config_module):
     assert {"streaming", "sampling_param_max_tokens", "sampling_param_temperature", "sampling_param_top_k",
             "sampling_param_top_p", "sampling_param_stop", "sampling_param_seed"} <= set(inputs)
     assert {t.name for t in llm.output} == {"text_output", "finish_reason", "stop_reason", "cumulative_logprob"}
-    for f in ("model.py", "llmapi_config.py", "trtbuild_utils.py", "model.yaml"):
+    for f in ("model.py", "trtbuild_runtime/backend/llmapi_config.py", "trtbuild_runtime/backend/tensors.py", "model.yaml"):
         assert (repo / "tensorrt_llm" / "1" / f).is_file(), f
 
     args, triton_config = llmapi_config_module.load_model_yaml(repo / "tensorrt_llm" / "1" / "model.yaml")
@@ -722,7 +719,7 @@ def test_llmapi_forgets_the_mpirun_job_but_keeps_mpi_settings(llmapi_config_modu
 def test_llmapi_model_py_is_valid_python_that_uses_the_llm_api():
     import ast
 
-    tree = ast.parse((TEMPLATE_ROOT / "llmapi" / "1" / "model.py").read_text())
+    tree = ast.parse((RUNTIME_PACKAGE / "backend" / "llmapi.py").read_text())
     names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     assert {"generate_async", "aresult", "abort", "text_diff", "get_response_sender", "is_cancelled"} <= names
     classes = {n.name: {f.name for f in n.body if isinstance(f, ast.FunctionDef)} for n in tree.body if isinstance(n, ast.ClassDef)}
@@ -730,7 +727,10 @@ def test_llmapi_model_py_is_valid_python_that_uses_the_llm_api():
 
 
 def test_llmapi_rejects_an_unparseable_model_yaml(tiny_spec, tmp_path):
-    from builder.repository import TEMPLATE_ROOT as root, environment, plan_llmapi_repository, render
+    from trtbuild.resources import TEMPLATE_ROOT as root
+    from trtbuild.repository.templates import environment
+    from trtbuild.runtimes.llmapi import plan_llmapi_repository
+    from trtbuild.repository.render import render
 
     broken = tmp_path / "templates"
     shutil.copytree(root, broken)

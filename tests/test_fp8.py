@@ -1,22 +1,17 @@
 """The FP8 path of the transformers runtime (row-wise scaled torch._scaled_mm); runs on CPU too."""
 
-import importlib.util
-
 import pytest
 import torch
 
-from builder.repository import TEMPLATE_ROOT
-
-_spec = importlib.util.spec_from_file_location("llm_runtime", TEMPLATE_ROOT / "llm_transformers" / "1" / "llm_runtime.py")
-llm_runtime = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(llm_runtime)
+from trtbuild_runtime.backend import hf_engine
+from trtbuild_runtime.quantization import Fp8Linear
 
 
 def test_fp8_linear_matches_the_bf16_layer_within_e4m3_precision():
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 128, bias=True).to(torch.bfloat16)
     x = torch.randn(4, 7, 256, dtype=torch.bfloat16)
-    fp8 = llm_runtime.Fp8Linear(linear)
+    fp8 = Fp8Linear.from_linear(linear)
     assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight_scale.shape == (1, 128)
     ref, out = linear(x).float(), fp8(x).float()
     assert out.shape == ref.shape
@@ -27,13 +22,13 @@ def test_fp8_linear_matches_the_bf16_layer_within_e4m3_precision():
 
 
 def test_quantize_fp8_keeps_the_head_and_stays_close_to_bf16(tiny_checkpoint):
-    model = llm_runtime.load_model(str(tiny_checkpoint), "bfloat16", "cpu")
+    model = hf_engine.load_model(str(tiny_checkpoint), "bfloat16", "cpu")
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits.float()
-    swapped = llm_runtime.quantize_fp8(model)
+    swapped = hf_engine.quantize_fp8(model)
     assert swapped == 2 * 7  # q, k, v, o, gate, up, down per layer
-    assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, llm_runtime.Fp8Linear)
+    assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, Fp8Linear)
     with torch.no_grad():
         out = model(ids).logits.float()
     rel = ((out - ref).norm() / ref.norm()).item()
@@ -53,7 +48,7 @@ def test_quantize_fp8_keeps_the_head_and_stays_close_to_bf16(tiny_checkpoint):
     ],
 )
 def test_sampling_follows_tensorrt_llm_greedy_convention(values, expected):
-    assert llm_runtime.sampling_kwargs(True, 100, **values) == pytest.approx(expected)
+    assert hf_engine.sampling_kwargs(True, 100, **values) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("values, message", [
@@ -65,9 +60,9 @@ def test_sampling_follows_tensorrt_llm_greedy_convention(values, expected):
 ])
 def test_sampling_rejects_bad_values(values, message):
     with pytest.raises(ValueError, match=message):
-        llm_runtime.check_sampling(100, **values)
+        hf_engine.check_sampling(100, **values)
 
 
 def test_sampling_needs_per_request_processors():
     with pytest.raises(ValueError, match="no per-request sampling"):
-        llm_runtime.sampling_kwargs(False, 100, top_k=3)
+        hf_engine.sampling_kwargs(False, 100, top_k=3)

@@ -1,12 +1,8 @@
 """The GPU suite script runs every stage end to end; on this CPU machine with the tiny preset."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 pytestmark = pytest.mark.server
 

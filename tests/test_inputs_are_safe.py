@@ -5,9 +5,9 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from builder.atomic import atomic_output_dir, check_output_dir
-from builder.cli import main
-from builder.errors import TrtbuildError
+from trtbuild.atomic import atomic_output_dir, check_output_dir
+from trtbuild.cli import main
+from trtbuild.errors import TrtbuildError
 
 
 def run(*args):

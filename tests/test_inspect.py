@@ -8,9 +8,9 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from builder.cli import main
-from builder.errors import TrtbuildError
-from builder.inspection import GIB, PRECISION_ROWS, inspect_path, kv_bytes_per_sequence
+from trtbuild.cli import main
+from trtbuild.errors import TrtbuildError
+from trtbuild.build.inspection import GIB, PRECISION_ROWS, inspect_path, kv_bytes_per_sequence
 from test_engine import write_engine_dir, write_trtllm_checkpoint
 
 LLAMA2_7B = {
@@ -49,7 +49,7 @@ def test_tiny_checkpoint_counts_come_from_the_weights(tiny_checkpoint):
     linear = sum(t.numel() for n, t in tensors.items() if t.dim() == 2 and ".layers." in n)
     assert cost(report, "int4_wo").linear_bytes == linear // 2
     assert report.precision == "fp32" and report.kind == "hf"
-    assert report.plan and report.plan[0].startswith("builder.quantize") and report.plan_error is None
+    assert report.plan and report.plan[0].startswith("trtbuild.build.quantize") and report.plan_error is None
 
 
 def test_llama2_7b_from_its_config_alone(tmp_path):
@@ -98,7 +98,7 @@ def test_exported_checkpoint_reports_its_own_precision_and_kv_cache(tiny_checkpo
     report = inspect_path(ckpt, seq_len=64)
     assert (report.kind, report.precision, report.kv_dtype, report.kv_bytes) == ("trtllm", "fp8", "fp8", 1)
     assert report.parameters_source == "config"
-    assert not any(step.startswith("builder.quantize") for step in report.plan)  # already exported: build only
+    assert not any(step.startswith("trtbuild.build.quantize") for step in report.plan)  # already exported: build only
     assert any("trtllm-build" in step for step in report.plan)
 
 

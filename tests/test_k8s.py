@@ -20,10 +20,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from builder import monitoring
-from builder.cli import main
-from builder.errors import TrtbuildError
-from builder.k8s import K8sOptions, generate, launch_command, load_documents, plan_deployment
+from trtbuild.deploy import monitoring
+from trtbuild.cli import main
+from trtbuild.errors import TrtbuildError
+from trtbuild.deploy.k8s import K8sOptions, generate, launch_command, load_documents, plan_deployment
 
 K8S_VERSIONS = ("1.30", "1.37")
 IMAGE = "registry.example.com/triton-transformers:24.10-tf5.23"
@@ -116,9 +116,9 @@ def deploy(tiny_repository, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trtllm_repository(tiny_checkpoint, tmp_path_factory) -> Path:
     """A real tensorrtllm repository with world size 2 (the engine folder only has to exist here)."""
-    from builder.checkpoint import load_model_spec
-    from builder.repository import generate as generate_repository
-    from builder.spec import BuildSpec
+    from trtbuild.checkpoint import load_model_spec
+    from trtbuild.runtimes import generate as generate_repository
+    from trtbuild.spec import BuildSpec
 
     root = tmp_path_factory.mktemp("trtllm")
     engine = root / "engine"
@@ -260,7 +260,7 @@ def test_tensorrtllm_world_size_2_runs_mpirun_leader_mode(trtllm_repository, tmp
     out = tmp_path / "deploy"
     plan = generate(trtllm_repository, out)
     assert plan.world_size == 2 and plan.gpus == 2
-    from builder.engine import TRITON_TRTLLM_IMAGE
+    from trtbuild.build.engine import TRITON_TRTLLM_IMAGE
 
     deployment = by_kind(load_documents(out))["Deployment"]
     kubernetes_validate.validate(deployment, "1.30", strict=True)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from builder import monitoring
+from trtbuild.deploy import monitoring
 
 # Series the local CPU server cannot expose, and why.
 ABSENT_LOCALLY = {
@@ -132,7 +132,7 @@ def test_dashboard_model_is_well_formed():
 @pytest.fixture(scope="module")
 def metrics_server(tiny_repository, tmp_path_factory):
     """The local tritonserver started with the metrics flags the deployment passes."""
-    from builder.server import ServerOptions, TritonServer
+    from trtbuild.deploy.server import ServerOptions, TritonServer
 
     server = TritonServer(tiny_repository, ServerOptions(extra_args=monitoring.TRITON_METRICS_ARGS),
                           log_path=tmp_path_factory.mktemp("metrics-server") / "tritonserver.log")
@@ -142,7 +142,7 @@ def metrics_server(tiny_repository, tmp_path_factory):
 
 @pytest.mark.server
 def test_rules_and_dashboard_read_series_the_real_server_exposes(metrics_server):
-    from clients.generate import generate
+    from trtbuild.clients.generate import generate
 
     for model in ("ensemble", "llm_bls"):
         generate(metrics_server.grpc_url, "Hello there", 8, model=model, stream=True)
@@ -180,9 +180,9 @@ def test_rules_and_dashboard_read_series_the_real_server_exposes(metrics_server)
 
 def bench_result() -> dict:
     """A `trtbuild bench` result built by the benchmark's own code from synthetic request records."""
-    from clients.bench import RunResult
-    from clients.loadgen import LoadPoint
-    from clients.metrics import RequestRecord, summarize
+    from trtbuild.bench.run import RunResult
+    from trtbuild.bench.loadgen import LoadPoint
+    from trtbuild.bench.metrics import RequestRecord, summarize
 
     runs = []
     for concurrency, gap in ((1, 0.01), (4, 0.03)):
@@ -218,7 +218,7 @@ def test_benchmark_exporter_publishes_the_client_series():
 
 
 def test_compose_services_pass_docker_compose(tmp_path, monkeypatch):
-    from builder.compose import validate_compose
+    from trtbuild.deploy.compose import validate_compose
 
     services = monitoring.compose_services(tmp_path)
     compose = {"name": "trtbuild-test",
@@ -271,8 +271,8 @@ def _query(url: str, expr: str) -> list[dict]:
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs a prometheus binary (Debian: apt-get install prometheus)")
 def test_recording_rules_evaluate_on_a_real_prometheus(metrics_server, tmp_path):
     """Prometheus scrapes the real server under load and evaluates the recording rules as shipped."""
-    from builder.server import free_port
-    from clients.generate import generate
+    from trtbuild.deploy.server import free_port
+    from trtbuild.clients.generate import generate
 
     groups = [dict(g, interval="2s") for g in monitoring.rule_groups()]  # faster evaluation, same rules
     (tmp_path / "rules.yml").write_text(monitoring.to_yaml({"groups": groups}))

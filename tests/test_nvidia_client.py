@@ -12,7 +12,7 @@ import queue
 import numpy as np
 import pytest
 
-from builder.demo import reference_greedy
+from trtbuild.demo import reference_greedy
 
 pytestmark = pytest.mark.server
 

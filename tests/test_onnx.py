@@ -23,13 +23,13 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from builder.cli import main
-from builder.errors import TrtbuildError
-from builder.onnx_export import EXPORT_MANIFEST, TOLERANCES, ExportOptions, export_onnx, load_export
-from builder.onnx_repository import OnnxServeSpec, generate_onnx_repository
-from builder.serving import ServingPolicy
+from trtbuild.cli import main
+from trtbuild.errors import TrtbuildError
+from trtbuild.build.onnx_export import EXPORT_MANIFEST, TOLERANCES, ExportOptions, export_onnx, load_export
+from trtbuild.runtimes.onnx import OnnxServeSpec, generate_onnx_repository
+from trtbuild.repository.serving import ServingPolicy
 
-CALIBRATION = Path(__file__).resolve().parent.parent / "builder" / "data" / "calibration.txt"
+CALIBRATION = Path(__file__).resolve().parent.parent / "trtbuild" / "data" / "calibration.txt"
 TEXTS = ["The cat sat on the mat.", "Stock markets fell sharply on Monday after the announcement."]
 
 
@@ -80,7 +80,7 @@ def classifier_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def classifier_export(tmp_path_factory, classifier_checkpoint):
     """Through the command line, so that `trtbuild export onnx` itself is exercised."""
-    from builder.onnx_export import ExportResult
+    from trtbuild.build.onnx_export import ExportResult
 
     out = tmp_path_factory.mktemp("onnx") / "classifier-fp32"
     result = CliRunner().invoke(main, ["export", "onnx", str(classifier_checkpoint), "--task", "text-classification",
@@ -226,7 +226,7 @@ def test_bert_static_int8_is_calibrated_qdq(tmp_path_factory, bert_export):
 
 
 def test_export_outside_tolerance_is_an_error_and_writes_nothing(tmp_path, tiny_checkpoint, monkeypatch):
-    import builder.onnx_export as onnx_export
+    import trtbuild.build.onnx_export as onnx_export
 
     monkeypatch.setitem(onnx_export.TOLERANCES, "int8", TOLERANCES["fp32"])  # demand FP32 accuracy of INT8
     out = tmp_path / "strict"
@@ -389,7 +389,7 @@ def test_repo_command_line_for_tensorrt(classifier_export, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--dtype", "float16"], "--dtype does not apply to --runtime onnxruntime"),
+    (["--dtype", "float16"], "--dtype does not apply to the onnxruntime runtime"),
     (["--max-input-len", "4096"], "exceeds the model's max_position_embeddings (512)"),
     (["--preferred-batch-size", "64"], "--preferred-batch-size 64 is outside 1..8"),
 ])
@@ -427,7 +427,7 @@ def _text_inputs(module, texts):
 
 @pytest.fixture(scope="module")
 def bert_server(bert_export, tmp_path_factory):
-    from builder.server import TritonServer
+    from trtbuild.deploy.server import TritonServer
 
     serve = OnnxServeSpec(bert_export.out, runtime="onnxruntime-python", max_batch_size=8, max_input_len=256,
                           serving=ServingPolicy(max_queue_delay_us=20000))
@@ -480,7 +480,7 @@ def test_served_classifier_labels_match_pytorch(classifier_export, classifier_ch
     import tritonclient.grpc as grpcclient
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from builder.server import TritonServer
+    from trtbuild.deploy.server import TritonServer
 
     repo = generate_onnx_repository(OnnxServeSpec(classifier_export.out, runtime="onnxruntime-python", max_input_len=128),
                                     tmp_path / "repo").out
@@ -498,7 +498,7 @@ def test_served_classifier_labels_match_pytorch(classifier_export, classifier_ch
 
 @pytest.fixture(scope="module")
 def llama_server(llama_export, tmp_path_factory):
-    from builder.server import TritonServer
+    from trtbuild.deploy.server import TritonServer
 
     serve = OnnxServeSpec(llama_export.out, runtime="onnxruntime-python", max_batch_size=8, max_input_len=64,
                           max_output_len=16, serving=ServingPolicy(max_queue_delay_us=20000))
@@ -578,7 +578,7 @@ def test_served_decoder_batches_concurrent_requests(llama_server, tiny_checkpoin
     (set(), "aarch64", "int8"),
 ])
 def test_int8_weight_type_follows_the_cpu(flags, machine, weights, monkeypatch):
-    from builder.cpu import int8_kernels
+    from trtbuild.build.cpu import int8_kernels
 
     monkeypatch.delenv("TRTBUILD_INT8_KERNEL", raising=False)
     assert int8_kernels(flags, machine).weights == weights

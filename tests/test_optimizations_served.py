@@ -15,9 +15,9 @@ import urllib.request
 
 import pytest
 
-from builder.errors import TrtbuildError
-from builder.spec import KVCacheSpec
-from clients.generate import generate
+from trtbuild.errors import TrtbuildError
+from trtbuild.spec import KVCacheSpec
+from trtbuild.clients.generate import generate
 
 SYSTEM = "You are a careful assistant. Answer in one short sentence, and repeat the question first. " * 3
 
@@ -35,8 +35,8 @@ def test_options_that_need_the_trtbuild_engine_are_refused_elsewhere(tiny_spec):
 
 @pytest.fixture(scope="module")
 def optimized_server(tiny_spec, tmp_path_factory):
-    from builder.repository import generate as generate_repository
-    from builder.server import TritonServer
+    from trtbuild.runtimes import generate as generate_repository
+    from trtbuild.deploy.server import TritonServer
 
     spec = dataclasses.replace(tiny_spec, quantization="fp8", speculative_decoding_mode="ngram", max_draft_len=3,
                                kv_cache=KVCacheSpec(page_size=16, dtype="fp8", enable_reuse=True))

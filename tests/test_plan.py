@@ -7,9 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from builder.cli import main
-from builder.errors import TrtbuildError
-from builder.plan import Objectives, capacity, make_plan, sweep_from_bench
+from trtbuild.cli import main
+from trtbuild.errors import TrtbuildError
+from trtbuild.deploy.plan import Objectives, capacity, make_plan, sweep_from_bench
 
 # concurrency, requests/s, ttft p95, ttft p99, itl p95 (ms); 128 output tokens per request everywhere
 SWEEP = (

@@ -42,7 +42,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def modelopt_fp8(tiny_checkpoint, tmp_path_factory) -> Path:
     """A real ModelOpt FP8 export (weights and KV scales) of the tiny model."""
-    from builder.quantize import QuantizeOptions, quantize
+    from trtbuild.build.quantize import QuantizeOptions, quantize
 
     out = tmp_path_factory.mktemp("fp8") / "tiny-fp8"
     options = QuantizeOptions(precision="fp8", kv_cache_dtype="fp8", format="hf", calib_size=8, eval_size=2, device="cpu")

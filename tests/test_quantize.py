@@ -17,11 +17,11 @@ import pytest
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from builder.errors import TrtbuildError
-from builder.manifest import MANIFEST_NAME, file_hashes, read_manifest, verify_manifest, write_manifest
-from builder.quantize import (DEFAULT_CALIBRATION, PRECISIONS, QuantizeOptions, Tolerance, complete_trtllm_config,
+from trtbuild.errors import TrtbuildError
+from trtbuild.manifest import MANIFEST_NAME, file_hashes, read_manifest, verify_manifest, write_manifest
+from trtbuild.build.quantize import (DEFAULT_CALIBRATION, PRECISIONS, QuantizeOptions, Tolerance, complete_trtllm_config,
                               plan, quantize, tolerance_for)
-from builder.spec import ModelSpec
+from trtbuild.spec import ModelSpec
 
 # Relaxed: a 2-layer random model still keeps most top-1 predictions under every precision.
 RELAXED = Tolerance(max_mean_kl=0.5, min_top1=0.3)
@@ -309,8 +309,8 @@ def test_plan_resolves_without_loading_weights(tiny_checkpoint, tmp_path):
 
 # ------------------------------------------------------------------------------------ engine, CLI
 def test_engine_converter(tiny_checkpoint, tmp_path):
-    from builder.engine import ConvertStep
-    from builder.quantize import quantize_for_engine
+    from trtbuild.build.engine import ConvertStep
+    from trtbuild.build.quantize import quantize_for_engine
 
     step = ConvertStep(source=tiny_checkpoint, precision="fp16", kv_cache_dtype="auto", dtype="auto", tp_size=2, pp_size=1)
     result = quantize_for_engine(step, tmp_path / "ckpt")
@@ -319,7 +319,7 @@ def test_engine_converter(tiny_checkpoint, tmp_path):
 
 
 def test_cli(tiny_checkpoint, tmp_path):
-    from builder.cli import main
+    from trtbuild.cli import main
 
     runner = CliRunner()
     out = tmp_path / "out"

@@ -4,9 +4,13 @@ import shutil
 import pytest
 from google.protobuf import json_format
 
-from builder import interface
-from builder.errors import TrtbuildError
-from builder.repository import TEMPLATE_ROOT, environment, generate, plan_llm_repository, render
+from trtbuild.repository import interface
+from trtbuild.errors import TrtbuildError
+from trtbuild.resources import TEMPLATE_ROOT
+from trtbuild.repository.templates import environment
+from trtbuild.runtimes import generate
+from trtbuild.runtimes.transformers import plan as plan_llm_repository
+from trtbuild.repository.render import render
 
 
 def _configs(repo):
@@ -18,7 +22,7 @@ def test_repository_layout_and_manifest(tiny_spec, tmp_path):
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["ensemble", "llm", "llm_bls", "postprocessing", "preprocessing"]
     for model in ("llm", "llm_bls", "preprocessing", "postprocessing"):
         assert (repo / model / "1" / "model.py").is_file()
-        assert (repo / model / "1" / "trtbuild_utils.py").is_file()
+        assert (repo / model / "1" / "trtbuild_runtime" / "backend" / "tensors.py").is_file()
     assert (repo / "ensemble" / "1").is_dir()
     manifest = json.loads((repo / "trtbuild.json").read_text())
     assert manifest["spec"]["max_batch_size"] == tiny_spec.max_batch_size

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from clients.accuracy import load_prompts
-from builder.validate import DEFAULT_PROMPTS
+from trtbuild.quality.accuracy import load_prompts
+from trtbuild.quality.validate import DEFAULT_PROMPTS
 from trtbuild_runtime import EngineConfig, SamplingParams
 from trtbuild_runtime.engine import EngineLoop, LLMEngine
 from trtbuild_runtime.sequence import FinishReason

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.server import free_port
+from trtbuild.deploy.server import free_port
 
 pytestmark = pytest.mark.server
 

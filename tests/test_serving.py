@@ -4,8 +4,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from builder.demo import reference_greedy, server_counts
-from clients.generate import GenerationError, generate
+from trtbuild.demo import reference_greedy, server_counts
+from trtbuild.clients.generate import GenerationError, generate
 
 pytestmark = pytest.mark.server
 

@@ -24,12 +24,13 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from builder.cli import main
-from builder.errors import TrtbuildError
-from builder.repository import generate, load_manifest
-from builder.serving import PROFILES, QueuePolicy, ServerFlags, ServingPolicy, policy_from_options, repository_policy
-from builder.server import TritonServer
-from clients.generate import GenerationError, generate as generate_text
+from trtbuild.cli import main
+from trtbuild.errors import TrtbuildError
+from trtbuild.runtimes import generate
+from trtbuild.repository.render import load_manifest
+from trtbuild.repository.serving import PROFILES, QueuePolicy, ServerFlags, ServingPolicy, policy_from_options, repository_policy
+from trtbuild.deploy.server import TritonServer
+from trtbuild.clients.generate import GenerationError, generate as generate_text
 
 LEVEL2_QUEUE = 6  # default (low) priority level: max_queue_size
 TEST_POLICY = dict(priority_levels=2, preferred_batch_size=[1], max_queue_delay_us=0, instances=1,
@@ -107,8 +108,9 @@ def test_options_override_the_preset(tiny_spec, tmp_path):
 def test_the_tensorrtllm_step_queues_by_priority_but_keeps_its_own_batching(tiny_spec, tmp_path):
     """NVIDIA's C++ model is decoupled with a dynamic batcher: priorities and the queue policy reach
     it, its batching stays as NVIDIA configures it, and it never gets a response cache."""
-    from builder.repository import plan_llm_repository, render
-    from builder.serving import apply_policy
+    from trtbuild.runtimes.tensorrtllm import plan as plan_llm_repository
+    from trtbuild.repository.render import render
+    from trtbuild.repository.serving import apply_policy
 
     policy = policy_from_options(tiny_spec.max_batch_size, serving_profile="latency")
     spec = dataclasses.replace(tiny_spec, runtime="tensorrtllm", engine_dir=tmp_path, serving=policy)
@@ -300,7 +302,7 @@ def policy_server(tiny_spec, tmp_path_factory):
 @pytest.mark.server
 def test_high_priority_requests_overtake_queued_low_priority_ones(policy_server):
     """The ensemble gives its priority to every step; the blocked preprocessing queue then serves
-    level 1 before level 2. (The BLS cannot: see builder.serving.)"""
+    level 1 before level 2. (The BLS cannot: see trtbuild.repository.serving.)"""
     server, stream = policy_server, Stream(policy_server)
     try:
         blocker = Blocker(server)  # the second blocker waits at level 2, ahead of the low ones
@@ -339,7 +341,7 @@ def test_a_full_queue_rejects_with_a_clear_status_the_client_reports(policy_serv
         blocker.join()
     finally:
         stream.close()
-    print(f"\n{model} rejection seen by clients.generate: {rejected.value}")
+    print(f"\n{model} rejection seen by trtbuild.clients.generate: {rejected.value}")
     assert [error for _, error in finals if error] == []
 
 
@@ -380,7 +382,7 @@ def test_a_repeated_request_is_a_cache_hit(policy_server):
 @pytest.mark.server
 def test_a_repeated_bad_request_gets_the_same_clear_error(policy_server):
     """With a cache on preprocessing, Triton would answer the repeat with an empty success (see
-    builder.serving.INPUT_ERROR_TEMPLATES) and the LLM step would fail with a misleading message."""
+    trtbuild.repository.serving.INPUT_ERROR_TEMPLATES) and the LLM step would fail with a misleading message."""
     errors = []
     for _ in range(2):
         with pytest.raises(GenerationError) as e:
@@ -393,9 +395,9 @@ def test_a_repeated_bad_request_gets_the_same_clear_error(policy_server):
 def test_bounded_overload_ends_with_every_request_answered_and_counted(policy_server, tiny_spec):
     """A burst far above what the blocked preprocessing queue holds: every request completes or is
     rejected with a status, none hangs, and the ensemble's statistics count what the client saw."""
-    from clients.bench import BenchConfig, run_benchmark
-    from clients.loadgen import LoadPoint
-    from clients.prompts import LengthDistribution
+    from trtbuild.bench.run import BenchConfig, run_benchmark
+    from trtbuild.bench.loadgen import LoadPoint
+    from trtbuild.clients.prompts import LengthDistribution
 
     server, requests = policy_server, 80
     assert "--rate-limit=execution_count" in server.command() and "--rate-limit-resource=cpu:2" in server.command()

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from builder.checkpoint import load_model_spec
-from builder.errors import TrtbuildError
-from builder.spec import BuildSpec, KVCacheSpec, ModelNames, ModelSpec
+from trtbuild.checkpoint import load_model_spec
+from trtbuild.errors import TrtbuildError
+from trtbuild.spec import BuildSpec, KVCacheSpec, ModelNames, ModelSpec
 
 LLAMA = {
     "model_type": "llama",

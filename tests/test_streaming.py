@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from builder.demo import reference_greedy
-from clients.generate import generate
+from trtbuild.demo import reference_greedy
+from trtbuild.clients.generate import generate
 
 pytestmark = pytest.mark.server
 
@@ -27,8 +27,8 @@ def reference(tiny_checkpoint):
 def server(request, tiny_spec, tmp_path_factory):
     import dataclasses
 
-    from builder.repository import generate as generate_repository
-    from builder.server import TritonServer
+    from trtbuild.runtimes import generate as generate_repository
+    from trtbuild.deploy.server import TritonServer
 
     streaming = {"off": dict(stream_max_tokens=1), "on": dict(stream_interval_ms=40.0)}[request.param]
     spec = dataclasses.replace(tiny_spec, max_batch_size=8, **streaming)

@@ -1,15 +1,9 @@
 """The text models' tokenizer (tokenizers only) must agree with transformers' AutoTokenizer."""
 
-import importlib.util
-
 import pytest
 from transformers import AutoTokenizer
 
-from builder.repository import TEMPLATE_ROOT
-
-spec = importlib.util.spec_from_file_location("trtbuild_tokenizer", TEMPLATE_ROOT / "_common" / "trtbuild_tokenizer.py")
-trtbuild_tokenizer = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(trtbuild_tokenizer)
+from trtbuild_runtime.backend import tokenizer as trtbuild_tokenizer
 
 TEXTS = ["Hello world", "  leading spaces and ünïcödé ✓", "<|im_start|>user\nHi<|im_end|>", "def f(x):\n\treturn x", ""]
 

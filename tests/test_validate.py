@@ -6,8 +6,8 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from builder.cli import main
-from builder.validate import (
+from trtbuild.cli import main
+from trtbuild.quality.validate import (
     DEFAULT_CORPUS,
     DEFAULT_PROMPTS,
     Thresholds,
@@ -78,7 +78,7 @@ def test_gates_direction_and_overrides():
 
 
 def test_processed_greedy_log_probs_are_not_compared():
-    from clients.accuracy import Generation, Prompt, compare
+    from trtbuild.quality.accuracy import Generation, Prompt, compare
 
     tokenizer = load_tokenizer_for_corpus()
     prompts = [Prompt("a", "Hello", 3)]
@@ -92,7 +92,7 @@ def test_processed_greedy_log_probs_are_not_compared():
 
 
 def test_shipped_prompts_and_corpus():
-    from clients.accuracy import load_prompts
+    from trtbuild.quality.accuracy import load_prompts
 
     prompts = load_prompts(DEFAULT_PROMPTS)
     assert len(prompts) >= 20 and len({p.id for p in prompts}) == len(prompts)
@@ -103,7 +103,7 @@ def test_shipped_prompts_and_corpus():
 
 
 def load_tokenizer_for_corpus():
-    from builder.checkpoint import load_smollm2_tokenizer
+    from trtbuild.checkpoint import load_smollm2_tokenizer
 
     return load_smollm2_tokenizer()
 
@@ -155,7 +155,7 @@ def test_compare_refuses_a_file_that_is_not_a_report(tmp_path):
 
 
 def test_onnx_export_variant_matches_pytorch(tiny_checkpoint, tmp_path):
-    from builder.onnx_export import ExportOptions, export_onnx
+    from trtbuild.build.onnx_export import ExportOptions, export_onnx
 
     export = export_onnx(ExportOptions(tiny_checkpoint, "text-generation-with-past", tmp_path / "onnx")).out
     (result,), _ = validate_offline(tiny_checkpoint, [VariantSpec.parse(f"onnx:{export}")], max_tokens=TOKENS)

@@ -59,9 +59,30 @@ class EngineConfig:
         # but a step must at least hold one token per running sequence
         self.max_num_tokens = max(self.max_num_tokens, self.max_batch_size)
 
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str], **values) -> "EngineConfig":
+        """From a config.pbtxt's string parameters, which carry each setting under the field's own name."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, text in parameters.items():
+            if name in fields and name not in values:
+                kind = type(fields[name].default)
+                values[name] = (text.lower() == "true" if kind is bool else
+                                int(text) if kind is int or name == "kv_cache_num_blocks" else
+                                float(text) if kind is float else text)
+        return cls(**values)
+
     @property
     def max_blocks_per_seq(self) -> int:
         return -(-self.max_seq_len // self.kv_cache_page_size)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' is CUDA where a GPU is visible."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def read_hf_config(model: str | Path) -> dict:
@@ -101,3 +122,7 @@ def check_supported(model: str | Path, max_seq_len: int | None = None) -> dict:
     if not list(Path(model).glob("*.safetensors")):
         raise UnsupportedModel("weights that are not safetensors")
     return config
+
+
+# What trtbuild's BuildSpec and CLI start from, so a default is written once, here.
+ENGINE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}

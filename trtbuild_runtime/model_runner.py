@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from trtbuild_runtime import attention
-from trtbuild_runtime.config import EngineConfig, checkpoint_quantization
+from trtbuild_runtime.config import EngineConfig, checkpoint_quantization, resolve_device
 from trtbuild_runtime.models import load_model
 from trtbuild_runtime.sampler import SamplingTensors, sample
 from trtbuild_runtime.scheduler import Batch
@@ -34,12 +34,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class OutOfMemory(ValueError):
     """The KV pool the configuration asks for does not fit the device; the message has the numbers."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, hf_config: dict, device: torch.device) -> torch.dtype:
@@ -97,7 +91,7 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config: dict):
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = torch.device(resolve_device(config.device))
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
         torch.manual_seed(config.seed)
         self.quantization = resolve_quantization(config.quantization, hf_config, self.device)

@@ -102,8 +102,10 @@ class Fp8Linear(nn.Module):
         return cls(q, scale, None if linear.bias is None else linear.bias.detach(), linear.weight.dtype, gemm)
 
     def forward(self, x) -> torch.Tensor:
+        """x: an activation its producer quantized ([rows, in]), or a 16-bit tensor of any leading shape."""
         if not isinstance(x, QuantizedActivation):
-            x = quantize_rows(x.reshape(-1, self.in_features))
+            leading = x.shape[:-1]
+            return self(quantize_rows(x.reshape(-1, self.in_features))).reshape(*leading, self.out_features)
         if self.gemm == "tensorwise" and x.data.is_cuda:
             from trtbuild_runtime import quant_kernels
 
