@@ -2,7 +2,7 @@
 
 Rows: `generate` one prompt at a time (batch 1) and as a static batch of 8; the engine with one
 stream and with 8 concurrent streams (closed loop, requests joining as others finish). Prompts
-from builder/data/prompts.jsonl, output length forced (EOS ignored). Prints a table, writes JSON.
+from trtbuild/data/prompts.jsonl, output length forced (EOS ignored). Prints a table, writes JSON.
 
     .venv/bin/python -m bench.cpu_runtime --out bench/results/$(date +%F)-cpu-2core-runtime.json
 """

@@ -1,6 +1,6 @@
 """Accuracy of the runtime's quantized modes: perplexity of SmolLM2 on the shipped corpus, per mode.
 
-The corpus (builder/data/eval_corpus.txt) is scored by the runtime itself, teacher-forced, in
+The corpus (trtbuild/data/eval_corpus.txt) is scored by the runtime itself, teacher-forced, in
 chunks: every chunk after the first attends to the KV pages the earlier chunks wrote, so an FP8
 KV cache is exercised exactly as decoding exercises it. Modes: the model dtype, FP8 weights and
 activations, an FP8 KV cache, both. Prints a table, writes JSON; bench/gpu_suite.py runs it on the GPU.

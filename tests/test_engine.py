@@ -27,7 +27,7 @@ from trtbuild.build.engine import (
 from trtbuild.errors import TrtbuildError
 from trtbuild.resources import RUNTIME_PACKAGE
 from trtbuild.runtimes import generate
-from trtbuild.repository.render import load_manifest
+from trtbuild.repository.render import load_manifest, read_configs as _configs
 
 A100 = Gpu("NVIDIA A100-SXM4-80GB", (8, 0), 81920)
 L40S = Gpu("NVIDIA L40S", (8, 9), 46068)
@@ -530,16 +530,6 @@ def test_a_checkpoint_is_not_an_engine(tiny_checkpoint, tmp_path):
 
 
 # ------------------------------------------------------------------------- tensorrtllm repository
-def _configs(repo: Path) -> dict:
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    out = {}
-    for path in repo.glob("*/config.pbtxt"):
-        config = model_config_pb2.ModelConfig()
-        text_format.Parse(path.read_text(), config)
-        out[path.parent.name] = config
-    return out
 
 
 def _params(config) -> dict:

@@ -21,13 +21,11 @@ import urllib.request
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from trtbuild.cli import main
 from trtbuild.errors import TrtbuildError
 from trtbuild.runtimes import generate
-from trtbuild.repository.render import load_manifest
+from trtbuild.repository.render import load_manifest, read_configs as _configs
 from trtbuild.repository.serving import PROFILES, QueuePolicy, ServerFlags, ServingPolicy, policy_from_options, repository_policy
 from trtbuild.deploy.server import TritonServer
 from trtbuild.clients.generate import GenerationError, generate as generate_text
@@ -44,13 +42,6 @@ def _spec(tiny_spec, policy: ServingPolicy):
     return dataclasses.replace(tiny_spec, max_output_len=32, serving=policy)
 
 
-def _configs(repo) -> dict[str, model_config_pb2.ModelConfig]:
-    out = {}
-    for path in repo.glob("*/config.pbtxt"):
-        config = model_config_pb2.ModelConfig()
-        text_format.Parse(path.read_text(), config)
-        out[path.parent.name] = config
-    return out
 
 
 # ------------------------------------------------------------------------------ rendering

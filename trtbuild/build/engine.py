@@ -24,6 +24,7 @@ from typing import Any, Callable
 from trtbuild.atomic import atomic_output_dir, check_output_dir
 from trtbuild.checkpoint import WEIGHT_GLOBS, check_tokenizer, read_config
 from trtbuild.errors import TrtbuildError, read_json_file
+from trtbuild.precisions import FP8_CAPABILITY, KV_CACHE_DTYPES, PRECISIONS, precision_of_quant_algo
 from trtbuild.spec import ARCHITECTURES, BuildSpec, KVCacheSpec, ModelSpec
 
 # The last Triton TRT-LLM container that still builds and serves engines. NVIDIA's release
@@ -34,13 +35,9 @@ TRTLLM_BUILD = "trtllm-build"
 
 # TensorRT-LLM 1.x supports Ampere (SM80) and newer; FP8 needs Ada (SM89) or Hopper; FP8 context
 # FMHA is a Hopper kernel.
-MIN_CAPABILITY = (8, 0)
-FP8_CAPABILITY = (8, 9)
 FP8_FMHA_CAPABILITY = (9, 0)
 
 KV_CACHE_TYPES = ("paged", "continuous", "disabled")
-KV_CACHE_DTYPES = ("auto", "fp8", "int8")
-KV_QUANT_ALGOS = {"auto": None, "fp8": "FP8", "int8": "INT8"}
 GEMM_PLUGINS = ("auto", "disable", "float16", "bfloat16", "fp8")
 LOGITS_DTYPES = ("float32", "float16")
 ACTIVATION_DTYPES = ("auto", "float16", "bfloat16")
@@ -50,30 +47,6 @@ TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.*", "generation_config.json", "*.tiktoken")
 
 
-@dataclasses.dataclass(frozen=True)
-class Precision:
-    """One `--precision`: what ModelOpt writes into the checkpoint and what the GPU must support."""
-
-    name: str
-    quant_algo: str | None  # TensorRT-LLM QuantAlgo in the checkpoint's config.json
-    weight_bits: int
-    min_capability: tuple[int, int]
-    dtype: str | None  # activation dtype the precision fixes; None: --dtype or the checkpoint's
-    description: str
-
-
-PRECISIONS: dict[str, Precision] = {
-    p.name: p
-    for p in (
-        Precision("fp16", None, 16, MIN_CAPABILITY, "float16", "FP16 weights and activations"),
-        Precision("bf16", None, 16, MIN_CAPABILITY, "bfloat16", "BF16 weights and activations"),
-        Precision("fp8", "FP8", 8, FP8_CAPABILITY, None, "FP8 weights and activations, per-tensor scales"),
-        Precision("int8_sq", "W8A8_SQ_PER_CHANNEL", 8, MIN_CAPABILITY, None, "INT8 SmoothQuant (W8A8), per-channel weight scales"),
-        Precision("int8_wo", "W8A16", 8, MIN_CAPABILITY, None, "INT8 weight-only, 16-bit activations"),
-        Precision("int4_wo", "W4A16", 4, MIN_CAPABILITY, None, "INT4 weight-only, 16-bit activations"),
-        Precision("int4_awq", "W4A16_AWQ", 4, MIN_CAPABILITY, None, "INT4 AWQ, group size 128, 16-bit activations"),
-    )
-}
 _ALL = tuple(PRECISIONS)
 # TensorRT-LLM architecture -> precisions its engine flow builds (TensorRT-LLM's precision support
 # matrix and per-model READMEs; the newer architectures conservatively).
@@ -91,13 +64,13 @@ def precision_of(quant_algo: str | None, dtype: str) -> str:
     """The --precision an exported TensorRT-LLM checkpoint was made with."""
     if quant_algo is None:
         return {"float16": "fp16", "bfloat16": "bf16"}.get(dtype, "fp16")
-    for p in PRECISIONS.values():
-        if p.quant_algo == quant_algo:
-            return p.name
-    raise TrtbuildError(
-        f"quant_algo {quant_algo} is not one trtbuild builds",
-        hint=f"supported: {', '.join(p.quant_algo for p in PRECISIONS.values() if p.quant_algo)}",
-    )
+    name = precision_of_quant_algo(quant_algo)
+    if name not in PRECISIONS:
+        raise TrtbuildError(
+            f"quant_algo {quant_algo} is not one trtbuild builds",
+            hint=f"supported: {', '.join(p.quant_algo for p in PRECISIONS.values() if p.quant_algo)}",
+        )
+    return name
 
 
 # ----------------------------------------------------------------------------------------- GPUs

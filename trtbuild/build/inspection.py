@@ -43,13 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from trtbuild.errors import TrtbuildError
+from trtbuild.precisions import PRECISIONS
 from trtbuild.spec import ModelSpec
 
 GIB = 2**30
 KV_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
 KV_DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8", "int8")
-PRECISION_ROWS = ("fp32", "fp16", "bf16", "fp8", "int8_sq", "int8_wo", "int4_wo", "int4_awq")
-WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8_sq": 1.0, "int8_wo": 1.0, "int4_wo": 0.5, "int4_awq": 0.5}
+PRECISION_ROWS = ("fp32", *PRECISIONS)
+WEIGHT_BYTES = {"fp32": 4.0, **{name: p.weight_bytes for name, p in PRECISIONS.items()}}
 AWQ_GROUP = 128
 SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                      "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

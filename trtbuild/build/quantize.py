@@ -62,6 +62,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from trtbuild.atomic import atomic_output_dir, check_output_dir
 from trtbuild.checkpoint import load_model_spec
 from trtbuild.errors import TrtbuildError
+from trtbuild.precisions import CAST_DTYPES, KV_CACHE_DTYPES, KV_CACHE_QUANT_ALGOS, NAMES
+from trtbuild.precisions import PRECISIONS as PRECISION_TABLE
 from trtbuild.resources import DATA_DIR
 from trtbuild.manifest import MANIFEST_NAME, sha256_file, tool_versions, write_manifest
 from trtbuild.spec import ModelSpec
@@ -73,8 +75,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp16", "bf16", "fp8", "int8_sq", "int8_wo", "int4_wo", "int4_awq")
-KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 FORMATS = ("trtllm", "hf")
 DTYPES = ("auto", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -82,23 +82,15 @@ INT4_BLOCK_SIZES = (128, 64)  # TensorRT-LLM's group-wise INT4 kernels take 64 o
 DEFAULT_CALIBRATION = DATA_DIR / "calibration.txt"
 TOOLS = ("trtbuild", "torch", "transformers", "nvidia-modelopt", "safetensors")
 
-PRECISION_DTYPE = {"fp16": "float16", "bf16": "bfloat16"}
-MODELOPT_CONFIGS = {
-    "fp8": "FP8_DEFAULT_CFG",
-    "int8_sq": "INT8_SMOOTHQUANT_CFG",
-    "int8_wo": "INT8_WEIGHT_ONLY_CFG",
-    "int4_wo": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
-    "int4_awq": "INT4_AWQ_CFG",
-}
+PRECISIONS = NAMES
+PRECISION_DTYPE = CAST_DTYPES
+MODELOPT_CONFIGS = {name: p.modelopt_config for name, p in PRECISION_TABLE.items() if p.modelopt_config}
 QUANT_ALGOS: dict[str, dict[str, str | None]] = {
-    "trtllm": {"fp16": None, "bf16": None, "fp8": "FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL",
-               "int8_wo": "W8A16", "int4_wo": "W4A16", "int4_awq": "W4A16_AWQ"},
-    "hf": {"fp16": None, "bf16": None, "fp8": "FP8", "int8_sq": "W8A8_SQ_PER_CHANNEL",
-           "int8_wo": "W8A16", "int4_wo": "W4A16_AWQ", "int4_awq": "W4A16_AWQ"},
+    "trtllm": {name: p.quant_algo for name, p in PRECISION_TABLE.items()},
+    "hf": {name: p.hf_quant_algo for name, p in PRECISION_TABLE.items()},
 }
-KV_CACHE_QUANT_ALGOS: dict[str, str | None] = {"auto": None, "fp8": "FP8", "int8": "INT8"}
 # --format trtllm precisions whose weights trtllm-build quantizes from the exported 16-bit weights.
-BUILD_TIME_WEIGHT_ONLY = ("int8_wo", "int4_wo")
+BUILD_TIME_WEIGHT_ONLY = tuple(name for name, p in PRECISION_TABLE.items() if p.build_time_weight_only)
 INT8_KV_ENTRY = {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": 8, "axis": None}}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
@@ -114,7 +106,7 @@ class Tolerance:
 
 
 # Measured with this module on SmolLM2-135M-Instruct (fp32 checkpoint, CPU, default options: 128
-# calibration and 16 held-out lines of builder/data/calibration.txt, 885 held-out tokens), as
+# calibration and 16 held-out lines of trtbuild/data/calibration.txt, 885 held-out tokens), as
 # mean KL (nats/token) / top-1 agreement / perplexity 46.16 ->:
 #   fp16 0.000002 / 1.000 / 46.16     bf16 0.00006 / 0.994 / 46.21    int8_wo 0.0035 / 0.964 / 46.17
 #   fp8  0.036 / 0.883 / 46.58        int8_sq 0.082 / 0.820 / 50.92   int4_awq (group 64) 0.232 / 0.712 / 57.76
@@ -153,7 +145,7 @@ class QuantizeOptions:
     precision: str
     kv_cache_dtype: str = "auto"
     calib_size: int = 128
-    calib_data: Path | None = None  # None: builder/data/calibration.txt
+    calib_data: Path | None = None  # None: trtbuild/data/calibration.txt
     calib_max_len: int = 256
     eval_size: int = 16  # the calibration file's last N samples, never calibrated on
     tp_size: int = 1

@@ -8,14 +8,15 @@ from pathlib import Path
 import click
 
 from trtbuild.cli.console import console
+from trtbuild.precisions import KV_CACHE_DTYPES, NAMES
 
 
 @click.command("engine")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Engine directory to write, e.g. engines/NAME.")
-@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp8", "int8_sq", "int8_wo", "int4_wo", "int4_awq"]), default=None,
+@click.option("--precision", type=click.Choice(NAMES), default=None,
               help="Required for a Hugging Face checkpoint; read from a TensorRT-LLM checkpoint.")
-@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8", "int8"]), default=None, help="KV-cache storage (auto: activation dtype).")
+@click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), default=None, help="KV-cache storage (auto: activation dtype).")
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16"]), default="auto", show_default=True,
               help="Activation dtype of quantized precisions.")
 @click.option("--max-batch-size", type=int, default=64, show_default=True)
@@ -83,7 +84,7 @@ def _print_plan(plan) -> None:
 @click.option("--kv-dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16", "fp8", "int8"]), default="auto", show_default=True)
 @click.option("--tp-size", type=int, default=None)
 @click.option("--pp-size", type=int, default=None)
-@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp8", "int8_sq", "int8_wo", "int4_wo", "int4_awq"]), default=None,
+@click.option("--precision", type=click.Choice(NAMES), default=None,
               help="Precision of the build plan shown for a Hugging Face checkpoint [its 16-bit type].")
 @click.option("--kv-fraction", type=float, default=0.9, show_default=True, help="kv_cache_free_gpu_mem_fraction.")
 @click.option("--reserve-gib", type=float, default=2.0, show_default=True, help="CUDA context + activation buffers.")

@@ -14,8 +14,10 @@ from typing import Any
 
 import click
 
+from trtbuild.precisions import KV_CACHE_DTYPES
 from trtbuild.repository.serving import PROFILES, TIMEOUT_ACTIONS
 from trtbuild.spec import DTYPES, LLM_ENGINES, SPECULATIVE_MODES, BuildSpec, KVCacheSpec
+from trtbuild_runtime.config import QUANTIZATIONS
 
 _SPEC = {f.name: f.default for f in dataclasses.fields(BuildSpec)}
 _KV = {f.name: f.default for f in dataclasses.fields(KVCacheSpec)}
@@ -37,10 +39,10 @@ def build_options(f):
         click.option("--kv-cache-page-size", type=int, default=_KV["page_size"], show_default=True, help="Tokens per KV-cache block."),
         click.option("--kv-cache-free-gpu-mem-fraction", type=float, default=_KV["free_gpu_mem_fraction"], show_default=True),
         click.option("--exclude-input-in-output/--include-input-in-output", default=True, show_default=True),
-        click.option("--quantization", type=click.Choice(["none", "fp8"]), default="none", show_default=True,
+        click.option("--quantization", type=click.Choice(QUANTIZATIONS), default=_SPEC["quantization"], show_default=True,
                      help="transformers runtime: fp8 runs the Linear layers on FP8 tensor cores (W8A8; compute "
                           "capability 8.9+). A ModelOpt FP8 checkpoint (trtbuild quantize --format hf) runs FP8 by itself."),
-        click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8", "int8"]), default="auto", show_default=True,
+        click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), default=_KV["dtype"], show_default=True,
                      help="KV-cache pages: auto (the model dtype, or FP8 where the checkpoint calibrated it), fp8 "
                           "(e4m3, half the bytes of 16-bit pages)."),
         click.option("--speculative-decoding-mode", type=click.Choice(SPECULATIVE_MODES), default="none", show_default=True,

@@ -21,7 +21,7 @@ from trtbuild.build.quantize import (DEVICES, DTYPES, FORMATS, INT4_BLOCK_SIZES,
               help="auto: the activation dtype; fp8/int8 calibrate KV-cache scales.")
 @click.option("--calib-size", type=int, default=128, show_default=True, help="Calibration samples.")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None,
-              help="UTF-8 text, one sample per non-empty line [builder/data/calibration.txt].")
+              help="UTF-8 text, one sample per non-empty line [trtbuild/data/calibration.txt].")
 @click.option("--calib-max-len", type=int, default=256, show_default=True, help="Tokens per sample, truncated.")
 @click.option("--eval-size", type=int, default=16, show_default=True,
               help="Held-out samples (the file's last lines) for the logits delta.")

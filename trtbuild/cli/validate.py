@@ -58,7 +58,7 @@ PRECISION = click.Choice(sorted({*DEFAULT_THRESHOLDS, "float32", "float16", "bfl
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per scored window.")
 @click.option("--max-tokens", type=int, default=None, help="Score only the first N corpus tokens.")
 @click.option("--calib-samples", type=int, default=None,
-              help="Calibration samples (lines of builder/data/calibration.txt) for --precision; default: trtbuild quantize's.")
+              help="Calibration samples (lines of trtbuild/data/calibration.txt) for --precision; default: trtbuild quantize's.")
 @click.option("--server", "url", default=None, metavar="HOST:PORT",
               help="Also validate a running server (gRPC port for grpc, HTTP port for http).")
 @click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)

@@ -1,6 +1,6 @@
 """Capacity planning from a measured benchmark sweep: `trtbuild plan BENCH.json --rps R --slo ...`.
 
-Input: the JSON `trtbuild bench` writes (clients/bench.py). Per run it reads `load.concurrency` or
+Input: the JSON `trtbuild bench` writes (trtbuild/bench/run.py). Per run it reads `load.concurrency` or
 `load.request_rate` (the sweep's load level), and from `metrics`: `requests_per_s`,
 `output_tokens_per_s`, `error_rate` and the percentile statistics `ttft_ms`, `itl_ms`, `latency_ms`
 (`{"p50", "p90", "p95", "p99", ...}`; TTFT and ITL exist for streamed runs only).

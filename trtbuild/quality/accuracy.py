@@ -1,6 +1,6 @@
 """Served greedy generations vs transformers greedy generation of the reference checkpoint.
 
-Each prompt is sent to the served model (ensemble or BLS, gRPC or HTTP, via clients/generate.py)
+Each prompt is sent to the served model (ensemble or BLS, gRPC or HTTP, via trtbuild/clients/generate.py)
 with greedy settings, and generated locally with `model.generate(do_sample=False)` on the original
 checkpoint in fp32. Both texts are compared as text and as tokens; tokens are the texts re-encoded
 with the same tokenizer, so identical texts always give identical tokens.

@@ -16,7 +16,7 @@ Metrics per variant (next-token predictions at every position of every window):
 - `kl_mean`: mean KL(reference || variant) of the next-token distributions, in nats;
 - `top1_agreement`: fraction of positions where both models' most likely next token is the same;
 - `max_logit_diff`: largest absolute difference of any raw logit.
-The online metrics (served model vs transformers greedy generation) come from clients/accuracy.py.
+The online metrics (served model vs transformers greedy generation) come from trtbuild/quality/accuracy.py.
 
 Gates. Each variant is gated with the thresholds of its precision (table below), unless a threshold
 is overridden on the command line (`--max-ppl-delta`, `--max-kl`, `--min-top1-agreement`,
@@ -25,8 +25,8 @@ of None ("-") is not gated.
 
 The KL and top-1 limits are `trtbuild quantize`'s (trtbuild.build.quantize.TOLERANCES), so both commands
 agree on a build; the perplexity and greedy-answer limits are validate's own. All were set from
-SmolLM2-135M-Instruct. Validate's measurements (builder/data/eval_corpus.txt, 3,114 predictions in
-256-token windows; greedy columns: the 20 prompts of builder/data/prompts.jsonl, 32 tokens) are in
+SmolLM2-135M-Instruct. Validate's measurements (trtbuild/data/eval_corpus.txt, 3,114 predictions in
+256-token windows; greedy columns: the 20 prompts of trtbuild/data/prompts.jsonl, 32 tokens) are in
 brackets; fake-quant variants built as `trtbuild quantize` builds them. Perplexity limits are about
 3x the measured rise. Served (online) numbers exist only for fp32 and bf16, the precisions trtbuild's
 transformers runtime serves; the other greedy numbers were measured offline by generating with the
@@ -83,6 +83,7 @@ import numpy as np
 
 from trtbuild.atomic import atomic_output_dir
 from trtbuild.errors import TrtbuildError
+from trtbuild.precisions import QUANTIZED, precision_of_quant_algo
 from trtbuild.resources import DATA_DIR
 from trtbuild.build.quantize import TOLERANCES as QUANTIZE_TOLERANCES
 
@@ -90,17 +91,8 @@ DEFAULT_CORPUS = DATA_DIR / "eval_corpus.txt"
 DEFAULT_PROMPTS = DATA_DIR / "prompts.jsonl"
 REPORT_VERSION = 1
 
-FAKE_QUANT_PRECISIONS = ("fp8", "int8_sq", "int8_wo", "int4_awq", "int4_wo")  # what trtbuild.build.quantize builds
+FAKE_QUANT_PRECISIONS = QUANTIZED  # what trtbuild.build.quantize builds
 PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
-# TensorRT-LLM / ModelOpt `quant_algo` -> our precision names
-QUANT_ALGOS = {
-    "FP8": "fp8",
-    "W8A8_SQ_PER_CHANNEL": "int8_sq",
-    "W8A16": "int8_wo",
-    "W4A16": "int4_wo",
-    "W4A16_AWQ": "int4_awq",
-    "W4A8_AWQ": "w4a8_awq",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,14 +378,14 @@ def checkpoint_precision(checkpoint: Path) -> str:
     hf_quant = checkpoint / "hf_quant_config.json"
     if hf_quant.is_file():
         algo = (json.loads(hf_quant.read_text()).get("quantization") or {}).get("quant_algo")
-        if algo in QUANT_ALGOS:
-            return QUANT_ALGOS[algo]
+        if precision_of_quant_algo(algo or ""):
+            return precision_of_quant_algo(algo)
     from trtbuild.checkpoint import read_config
 
     config = read_config(checkpoint)
     algo = (config.get("quantization_config") or {}).get("quant_algo")
-    if algo in QUANT_ALGOS:
-        return QUANT_ALGOS[algo]
+    if precision_of_quant_algo(algo or ""):
+        return precision_of_quant_algo(algo)
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
     return PRECISION_ALIASES.get(dtype, "fp32")
 
@@ -473,7 +465,7 @@ def build_fake_quant(checkpoint: Path, precision: str, calib_samples: int | None
     """The fp32 reference fake-quantized in memory the way `trtbuild quantize` does it.
 
     trtbuild.build.quantize's plan picks the ModelOpt config (INT4 group size, per-channel int4_wo), the
-    calibration samples (builder/data/calibration.txt, its held-out tail unused) and the 16-bit
+    calibration samples (trtbuild/data/calibration.txt, its held-out tail unused) and the 16-bit
     export dtype the weights are first rounded to, so validation sees what the build exports.
     """
     import tempfile

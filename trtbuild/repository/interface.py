@@ -100,12 +100,7 @@ LLM_INPUTS: tuple[Tensor, ...] = (
 LLM_OUTPUTS: tuple[Tensor, ...] = (
     _t("output_ids", "INT32", (-1, -1), optional=False),
     _t("sequence_length", "INT32", (-1,), optional=False),
-    _t("cum_log_probs", "FP32", (-1,), optional=False),
-    _t("output_log_probs", "FP32", (-1, -1), optional=False),
-    _t("context_logits", "FP32", (-1, -1), optional=False),
-    _t("generation_logits", "FP32", (-1, -1, -1), optional=False),
-    _t("batch_index", "INT32", (1,), optional=False),
-    _t("sequence_index", "INT32", (1,), optional=False),
+    *ENSEMBLE_OUTPUTS[1:],  # the ensemble's outputs but text_output: log-probs, logits, indices
 )
 
 # --- the transformers runtime's LLM step also answers text, as Triton's vLLM model does ---------

@@ -179,6 +179,12 @@ def version() -> str:
     return __version__
 
 
+def read_configs(repository: Path) -> dict[str, model_config_pb2.ModelConfig]:
+    """Every model's config.pbtxt of a written repository, parsed, by model name."""
+    return {path.parent.name: parse_config(path.read_text(), path.parent.name, str(path))
+            for path in sorted(Path(repository).glob("*/config.pbtxt"))}
+
+
 def load_manifest(repository: Path) -> dict[str, Any]:
     path = Path(repository) / MANIFEST
     if not path.is_file():
