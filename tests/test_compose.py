@@ -53,7 +53,7 @@ def test_single_gpu_tensorrtllm(tiny_checkpoint, tmp_path, docker_config):
     mounts = {(v["source"], v["target"], v.get("read_only")) for v in service["volumes"]}
     # the tokenizer lives inside the engine dir, so one mount covers both
     assert mounts == {(str(repo), str(repo), True), (str(engine), str(engine), True)}
-    assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
+    assert "/v2/models/ensemble/generate" in " ".join(service["healthcheck"]["test"])  # a real generate, not readiness
 
 
 def test_multi_gpu_tensorrtllm_launches_one_rank_per_gpu(tiny_checkpoint, tmp_path, docker_config):
@@ -171,3 +171,16 @@ def test_monitoring_profile_adds_prometheus_and_grafana(tiny_checkpoint, tmp_pat
     assert "--metrics-config=summary_latencies=true" in command[: command.index(":")]
     assert (out.parent / "monitoring" / "prometheus" / "prometheus.yml").is_file()
     assert (out.parent / "monitoring" / "grafana" / "dashboards" / "trtbuild-triton.json").is_file()
+
+
+def test_openai_frontend(tiny_checkpoint, tmp_path, docker_config):
+    repo, out = tmp_path / "repo", tmp_path / "docker-compose.yml"
+    made = CliRunner().invoke(main, ["repo", str(tiny_checkpoint), "--runtime", "llmapi", "--out", str(repo)])
+    assert made.exit_code == 0, made.output
+    result = CliRunner().invoke(main, ["compose", str(repo), "--out", str(out), "--frontend", "openai", "--no-validate"])
+    assert result.exit_code == 0, result.output
+    service = validate_compose(out, docker_config)["services"]["triton"]
+    assert service["command"][:2] == ["python3", "/opt/tritonserver/python/openai/openai_frontend/main.py"]
+    assert f"--tokenizer={tiny_checkpoint}" in service["command"]
+    assert {(p["published"], p["target"]) for p in service["ports"]} >= {("9000", 9000)}
+    assert "/v2/models/ensemble/generate" in " ".join(service["healthcheck"]["test"])

@@ -163,8 +163,11 @@ def test_deployment_runs_triton_on_the_repository(deploy, tiny_repository):
     assert f"--model-repository={tiny_repository}" in c["args"]
     assert set(monitoring.TRITON_METRICS_ARGS) <= set(c["args"])
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    # ready is not healthy: both probes send a one-token generate to the text model
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = c[probe]["exec"]["command"]
+        assert command[:2] == ["python3", "-c"] and command[3] == "http://localhost:8000/v2/models/llm/generate"
+        assert c[probe]["timeoutSeconds"] > float(command[4])
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800
     assert c["resources"]["limits"] == {"nvidia.com/gpu": 1}
@@ -335,3 +338,17 @@ def test_cli_writes_once_and_refuses_a_non_empty_out(tiny_repository, tmp_path):
     second = runner.invoke(main, args)
     assert second.exit_code == 2 and "not empty" in second.output
     assert runner.invoke(main, [*args, "--force", "--replicas-min", "4"]).exit_code == 2
+
+
+def test_openai_frontend_serves_port_9000_and_keeps_the_probes(tiny_repository, tmp_path, tiny_spec):
+    out = tmp_path / "deploy"
+    generate(tiny_repository, out, K8sOptions(image=IMAGE, frontend="openai"))
+    docs = by_kind(load_documents(out))
+    for kind in ("Deployment", "Service"):
+        kubernetes_validate.validate(docs[kind], "1.30", strict=True)
+    c = container(docs["Deployment"]["spec"]["template"]["spec"])
+    assert c["command"] == ["python3"] and c["args"][0] == "/opt/tritonserver/python/openai/openai_frontend/main.py"
+    assert f"--model-repository={tiny_repository}" in c["args"] and f"--tokenizer={tiny_spec.checkpoint}" in c["args"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["openai"] == 9000
+    assert {p["name"]: p["port"] for p in docs["Service"]["spec"]["ports"]}["openai"] == 9000
+    assert "/v2/models/llm/generate" in c["readinessProbe"]["exec"]["command"][3]  # the KServe frontend stays on

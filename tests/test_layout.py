@@ -94,7 +94,8 @@ def test_nothing_imports_the_command_line_back():
     def cli(name):
         return name == "trtbuild.cli" or name.startswith("trtbuild.cli.")
 
-    importers = sorted(m for m, deps in graph.items() if not cli(m) and any(cli(d) for d in deps))
+    importers = sorted(m for m, deps in graph.items()
+                       if not cli(m) and m != "trtbuild.__main__" and any(cli(d) for d in deps))  # `python -m trtbuild`
     assert importers == []
 
 

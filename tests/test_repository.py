@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 
@@ -20,7 +21,7 @@ def _configs(repo):
 def test_repository_layout_and_manifest(tiny_spec, tmp_path):
     repo = generate(tiny_spec, tmp_path / "repo")
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["ensemble", "llm", "llm_bls", "postprocessing", "preprocessing"]
-    for model in ("llm", "llm_bls", "preprocessing", "postprocessing"):
+    for model in ("llm", "preprocessing", "postprocessing"):
         assert (repo / model / "1" / "model.py").is_file()
         assert (repo / model / "1" / "trtbuild_runtime" / "backend" / "tensors.py").is_file()
     assert (repo / "ensemble" / "1").is_dir()
@@ -81,7 +82,7 @@ def _broken_root(tmp_path, template, old, new):
         ("llm_transformers/config.pbtxt.j2", "max_batch_size: {{ spec.max_batch_size }}", "max_batch_size: ${triton_max_batch_size}",
          r"model 'llm': config.pbtxt from template llm_transformers/config.pbtxt.j2 is invalid"),
         ("ensemble/config.pbtxt.j2", "{%- for step in steps %}", "{%- for step in steps[1:] %}",
-         r"ensemble 'ensemble' .*'_\w+' feeds 'llm\.\w+' but nothing upstream produces it"),
+         r"ensemble 'ensemble' .*output 'text_output' is produced by no step"),
     ],
 )
 def test_broken_templates_are_rejected_with_model_field_and_template(tiny_spec, tmp_path, template, old, new, message):
@@ -90,20 +91,33 @@ def test_broken_templates_are_rejected_with_model_field_and_template(tiny_spec, 
         render(plan_llm_repository(tiny_spec), environment(root))
 
 
-def test_type_mismatch_in_ensemble_wiring_is_rejected(tiny_spec, monkeypatch):
+def _tensorrtllm_plans(tiny_spec, tmp_path):
+    """NVIDIA's token-id LLM step: its ensembles tokenize, generate and detokenize in three steps."""
+    from trtbuild.runtimes import tensorrtllm
+
+    return tensorrtllm.plan(dataclasses.replace(tiny_spec, runtime="tensorrtllm", engine_dir=tmp_path))
+
+
+def test_a_three_step_ensemble_missing_a_step_is_rejected(tiny_spec, tmp_path):
+    root = _broken_root(tmp_path, "ensemble/config.pbtxt.j2", "{%- for step in steps %}", "{%- for step in steps[1:] %}")
+    with pytest.raises(TrtbuildError, match=r"ensemble 'ensemble' .*'_\w+' feeds 'tensorrt_llm\.\w+' but nothing upstream produces it"):
+        render(_tensorrtllm_plans(tiny_spec, tmp_path), environment(root))
+
+
+def test_type_mismatch_in_ensemble_wiring_is_rejected(tiny_spec, tmp_path, monkeypatch):
     bad = tuple(
         interface.Tensor(t.name, "TYPE_FP32", t.dims, t.optional) if t.name == "INPUT_ID" else t
         for t in interface.PREPROCESSING_OUTPUTS
     )
     monkeypatch.setattr(interface, "PREPROCESSING_OUTPUTS", bad)
-    with pytest.raises(TrtbuildError, match=r"'_INPUT_ID' is TYPE_FP32\[-1\] but 'llm.input_ids' wants TYPE_INT32\[-1\]"):
-        render(plan_llm_repository(tiny_spec))
+    with pytest.raises(TrtbuildError, match=r"'_INPUT_ID' is TYPE_FP32\[-1\] but 'tensorrt_llm.input_ids' wants TYPE_INT32\[-1\]"):
+        render(_tensorrtllm_plans(tiny_spec, tmp_path))
 
 
 def test_failed_render_writes_nothing(tiny_spec, tmp_path, monkeypatch):
     out = tmp_path / "repo"
-    monkeypatch.setattr(interface, "ENSEMBLE_OUTPUTS", interface.ENSEMBLE_OUTPUTS + (interface.Tensor("nope", "TYPE_FP32", (1,)),))
-    with pytest.raises(TrtbuildError, match="output 'nope' is produced by no step"):
+    monkeypatch.setattr(interface, "TEXT_ENSEMBLE_OUTPUTS", interface.TEXT_ENSEMBLE_OUTPUTS + (interface.Tensor("nope", "TYPE_FP32", (1,)),))
+    with pytest.raises(TrtbuildError, match="step 'llm' has no output 'nope'"):
         generate(tiny_spec, out)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []

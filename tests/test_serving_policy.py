@@ -62,10 +62,14 @@ def test_each_preset_renders_into_the_configs_it_concerns(tiny_spec, tmp_path, p
         assert configs[name].instance_group[0].count == policy.instances
     assert configs["postprocessing"].response_cache.enable == policy.response_cache
     assert not configs["preprocessing"].response_cache.enable  # it answers bad prompts with errors
-    # decoupled models without a batcher (they take requests at once) and the ensemble get no queue or cache
-    for name in ("llm", "llm_bls", "ensemble"):
+    # the text model every entry point ends in queues by priority under the queue policy; decoupled,
+    # it neither delays nor caches; the entry points are ensembles, with no queue or cache of their own
+    llm = configs["llm"].dynamic_batching
+    assert (llm.priority_levels, llm.default_priority_level) == (policy.priority_levels, policy.default_priority_level)
+    assert llm.default_queue_policy.max_queue_size == policy.queue.max_queue_size
+    assert llm.max_queue_delay_microseconds == 0 and not configs["llm"].response_cache.enable
+    for name in ("llm_bls", "ensemble"):
         assert not configs[name].response_cache.enable and not configs[name].HasField("dynamic_batching")
-    assert not configs["ensemble"].HasField("dynamic_batching") and not configs["ensemble"].response_cache.enable
     # one source of truth: the repository records the policy and the server flags follow from it
     assert repository_policy(load_manifest(repo)) == policy
     flags = ServerFlags.for_policy(policy)
@@ -128,15 +132,14 @@ def test_rate_limiter_resources_and_server_flags(tiny_spec, tmp_path):
 # ------------------------------------------------------------------------------ refused
 @pytest.mark.parametrize("options, message", [
     (dict(model_policy=["llm:response_cache=true"]), "decoupled; Triton's response cache refuses"),
-    (dict(model_policy=["llm_bls:response_cache=true"]), "decoupled; Triton's response cache refuses"),
+    (dict(model_policy=["llm_bls:response_cache=true"]), "is an ensemble"),
     (dict(model_policy=["preprocessing:response_cache=true"]), "would store as an empty success"),
     (dict(priority_levels=2, default_priority_level=3), "default-priority-level 3 is outside 1..2"),
     (dict(priority_levels=2, priority_queue_policy=["3:max_queue_size=4"]), "level 3 is outside 1..2"),
     (dict(priority_queue_policy=["1:max_queue_size=4"]), "needs --priority-levels"),
     (dict(preferred_batch_size=[8]), "preferred-batch-size 8 is outside 1..4"),
     (dict(model_policy=["ensemble:max_queue_size=4"]), "is an ensemble"),
-    (dict(model_policy=["llm:max_queue_size=4"]), "decoupled without a dynamic batcher"),
-    (dict(model_policy=["llm_bls:default_timeout_us=1000"]), "decoupled without a dynamic batcher"),
+    (dict(model_policy=["llm_bls:default_timeout_us=1000"]), "is an ensemble"),
     (dict(model_policy=["llm:instances=2"]), "fixed number of instances"),
     (dict(model_policy=["tokenizer:instances=2"]), "lacks"),
     (dict(model_policy=["llm:resource.gpu=3"], rate_limit_resource=["gpu:2"]), "could never run"),
@@ -156,13 +159,14 @@ def test_cli_repo_takes_the_profile_and_overrides(tiny_checkpoint, tmp_path):
     out = tmp_path / "repo"
     args = ["repo", str(tiny_checkpoint), "--out", str(out), "--max-batch-size", "4", "--max-input-len", "64",
             "--max-output-len", "16", "--serving-profile", "throughput", "--max-queue-size", "12",
-            "--model-policy", "llm_bls:instances=2"]
+            "--model-policy", "postprocessing:instances=2"]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     configs = _configs(out)
     assert list(configs["preprocessing"].dynamic_batching.preferred_batch_size) == [4]
     assert configs["preprocessing"].dynamic_batching.default_queue_policy.max_queue_size == 12
-    assert configs["llm_bls"].instance_group[0].count == 2
+    assert configs["postprocessing"].instance_group[0].count == 2
+    assert configs["llm"].dynamic_batching.default_queue_policy.max_queue_size == 12
     bad = runner.invoke(main, [*args[:3], str(tmp_path / "bad"), *args[4:], "--model-policy", "llm:response_cache=true"])
     assert bad.exit_code == 2 and "response cache refuses decoupled models" in bad.output
     assert not (tmp_path / "bad").exists()
@@ -227,8 +231,9 @@ class Stream:
                 self.finals.append((result.get_response().id, None))
             self.arrived.notify_all()
 
-    def send(self, model: str, tag: str, priority: int = 0, timeout_us: int | None = None, max_tokens: int = 1) -> None:
-        arrays = {"text_input": np.array([[f"Request {tag} says hello".encode()]], dtype=np.object_),
+    def send(self, model: str, tag: str, priority: int = 0, timeout_us: int | None = None, max_tokens: int = 1,
+             text: str | None = None) -> None:
+        arrays = {"text_input": np.array([[(text or f"Request {tag} says hello").encode()]], dtype=np.object_),
                   "max_tokens": np.array([[max_tokens]], np.int32), "stream": np.array([[False]])}
         self.client.async_stream_infer(model, _inputs(arrays), request_id=tag, priority=priority, timeout=timeout_us,
                                        enable_empty_final_response=True)
@@ -244,33 +249,21 @@ class Stream:
 
 
 class Blocker:
-    """Keeps the single preprocessing instance busy: tokenizing 2 MB of text, then failing the
+    """Keeps the text model's single instance busy: tokenizing 2 MB of text, then failing the
     max_input_len check (a clear error, which is what it gets)."""
 
+    TEXT = "The quick brown fox jumps over the lazy dog. " * 45_000
+
     def __init__(self, server: TritonServer, count: int = 2):
-        import tritonclient.grpc as grpcclient
-
-        text = ("The quick brown fox jumps over the lazy dog. " * 45_000).encode()
-        arrays = {"QUERY": np.array([[text]], dtype=np.object_), "REQUEST_OUTPUT_LEN": np.array([[1]], np.int32)}
-        self.errors: list[str] = []
-        self.client = grpcclient.InferenceServerClient(server.grpc_url)
-        self.threads = [threading.Thread(target=self._run, args=(arrays,)) for _ in range(count)]
-        for thread in self.threads:
-            thread.start()
-        _wait_pending(server, "preprocessing", 1)  # one runs, one waits: the instance is busy
-
-    def _run(self, arrays):
-        from tritonclient.utils import InferenceServerException
-
-        try:
-            self.client.infer("preprocessing", _inputs(arrays), client_timeout=120)
-        except InferenceServerException as e:
-            self.errors.append(str(e))
+        self.stream, self.count = Stream(server), count
+        for i in range(count):
+            self.stream.send("llm", f"blocker{i}", text=self.TEXT)
+        _wait_pending(server, "llm", 1)  # one runs, one waits: the instance is busy
 
     def join(self) -> None:
-        for thread in self.threads:
-            thread.join(timeout=120)
-        assert all("more than max_input_len" in e for e in self.errors), self.errors
+        finals = self.stream.wait(self.count)
+        self.stream.close()
+        assert all(error and "more than max_input_len" in error for _, error in finals), finals
 
 
 @pytest.fixture(scope="module")
@@ -292,18 +285,18 @@ def policy_server(tiny_spec, tmp_path_factory):
 
 @pytest.mark.server
 def test_high_priority_requests_overtake_queued_low_priority_ones(policy_server):
-    """The ensemble gives its priority to every step; the blocked preprocessing queue then serves
-    level 1 before level 2. (The BLS cannot: see trtbuild.repository.serving.)"""
+    """The ensemble gives its priority to its step; the blocked text model's queue then serves level 1
+    before level 2."""
     server, stream = policy_server, Stream(policy_server)
     try:
         blocker = Blocker(server)  # the second blocker waits at level 2, ahead of the low ones
         lows, highs = [f"low{i}" for i in range(3)], [f"high{i}" for i in range(3)]
         for tag in lows:
             stream.send("ensemble", tag, priority=2)
-        _wait_pending(server, "preprocessing", 1 + len(lows))
+        _wait_pending(server, "llm", 1 + len(lows))
         for tag in highs:
             stream.send("ensemble", tag, priority=1)
-        _wait_pending(server, "preprocessing", 1 + len(lows) + len(highs))
+        _wait_pending(server, "llm", 1 + len(lows) + len(highs))
         finals = stream.wait(len(lows) + len(highs))
         blocker.join()
     finally:
@@ -317,14 +310,14 @@ def test_high_priority_requests_overtake_queued_low_priority_ones(policy_server)
 @pytest.mark.server
 @pytest.mark.parametrize("model", ["ensemble", "llm_bls"])
 def test_a_full_queue_rejects_with_a_clear_status_the_client_reports(policy_server, model):
-    """The BLS relays the status of the call that was refused."""
+    """Both entry points relay the status of the step that refused it."""
     server, stream = policy_server, Stream(policy_server)
     try:
         blocker = Blocker(server)  # the second blocker holds one of the level-2 places
         fillers = [f"{model}-fill{i}" for i in range(LEVEL2_QUEUE - 1)]
         for tag in fillers:
             stream.send("ensemble", tag)
-        _wait_pending(server, "preprocessing", LEVEL2_QUEUE)
+        _wait_pending(server, "llm", LEVEL2_QUEUE)
         with pytest.raises(GenerationError, match="Exceeds maximum queue size") as rejected:
             generate_text(server.grpc_url, "one request too many", 1, model=model)
         stream.send("ensemble", f"{model}-urgent", priority=1)  # level 1 has a queue of its own
@@ -340,10 +333,10 @@ def test_a_full_queue_rejects_with_a_clear_status_the_client_reports(policy_serv
 @pytest.mark.parametrize("model", ["ensemble", "llm_bls"])
 def test_a_timed_out_request_is_rejected_not_dropped(policy_server, model):
     server, stream = policy_server, Stream(policy_server)
-    before = _stats(server, "preprocessing")
+    before = _stats(server, "llm")
     try:
         blocker = Blocker(server)
-        stream.send(model, f"{model}-hurried", priority=1, timeout_us=100_000)  # the BLS passes it to preprocessing
+        stream.send(model, f"{model}-hurried", priority=1, timeout_us=100_000)  # the ensemble passes it to its step
         finals = stream.wait(1)
         blocker.join()
     finally:
@@ -351,23 +344,29 @@ def test_a_timed_out_request_is_rejected_not_dropped(policy_server, model):
     (_, error), = finals
     print(f"\n{model} timed-out request: {error}")
     assert error is not None and "Request timeout expired" in error
-    assert _stats(server, "preprocessing")["fail"] == before["fail"] + 1  # counted as a failure (REJECTED)
+    assert _stats(server, "llm")["fail"] == before["fail"] + 1  # counted as a failure (REJECTED)
 
 
 @pytest.mark.server
 def test_a_repeated_request_is_a_cache_hit(policy_server):
-    server, models = policy_server, ("preprocessing", "postprocessing")
-    stats_before = {m: _stats(server, m) for m in models}
-    metric_before = _metric(server, "nv_cache_num_hits_per_model", "postprocessing")
-    first = generate_text(server.grpc_url, "Is this answer cached?", 4)
-    second = generate_text(server.grpc_url, "Is this answer cached?", 4)
-    stats_after = {m: _stats(server, m) for m in models}
-    hits = {m: stats_after[m]["cache_hit"] - stats_before[m]["cache_hit"] for m in models}
-    misses = {m: stats_after[m]["cache_miss"] - stats_before[m]["cache_miss"] for m in models}
+    """The deterministic models (the detokenizer here, called directly: the entry points go to the
+    text model) answer a repeated request from Triton's response cache."""
+    import tritonclient.grpc as grpcclient
+
+    server, model = policy_server, "postprocessing"
+    stats_before, metric_before = _stats(server, model), _metric(server, "nv_cache_num_hits_per_model", model)
+    arrays = {"TOKENS_BATCH": np.array([[[72, 101, 108, 108, 111]]], np.int32), "SEQUENCE_LENGTH": np.array([[5]], np.int32)}
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        first, second = (client.infer(model, _inputs(arrays)).as_numpy("OUTPUT") for _ in range(2))
+    finally:
+        client.close()
+    stats_after = _stats(server, model)
+    hits, misses = (stats_after[k] - stats_before[k] for k in ("cache_hit", "cache_miss"))
     print(f"\ncache hits {hits}, misses {misses}")
-    assert second.text == first.text
-    assert hits == {"preprocessing": 0, "postprocessing": 1} and misses == {"preprocessing": 0, "postprocessing": 1}
-    assert _metric(server, "nv_cache_num_hits_per_model", "postprocessing") == metric_before + 1
+    assert second.tolist() == first.tolist()
+    assert (hits, misses) == (1, 1)
+    assert _metric(server, "nv_cache_num_hits_per_model", model) == metric_before + 1
 
 
 @pytest.mark.server
@@ -384,7 +383,7 @@ def test_a_repeated_bad_request_gets_the_same_clear_error(policy_server):
 
 @pytest.mark.server
 def test_bounded_overload_ends_with_every_request_answered_and_counted(policy_server, tiny_spec):
-    """A burst far above what the blocked preprocessing queue holds: every request completes or is
+    """A burst far above what the blocked text model's queue holds: every request completes or is
     rejected with a status, none hangs, and the ensemble's statistics count what the client saw."""
     from trtbuild.bench.run import BenchConfig, run_benchmark
     from trtbuild.bench.loadgen import LoadPoint

@@ -192,6 +192,8 @@ class BuildSpec:
     speculative_decoding_mode: str = "none"
     max_draft_len: int = ENGINE_DEFAULTS["max_draft_len"]
     max_matching_ngram_size: int = ENGINE_DEFAULTS["max_matching_ngram_size"]
+    # the LLM step's health: an engine with requests in flight and no progress for this long is wedged
+    engine_stall_timeout_s: float = 60.0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -242,6 +244,8 @@ class BuildSpec:
             raise TrtbuildError("--kv-cache-free-gpu-mem-fraction must be in (0, 1]")
         positive("kv_cache_page_size", self.kv_cache.page_size)
         positive("max_num_tokens", self.max_num_tokens)
+        if not self.engine_stall_timeout_s > 0:
+            raise TrtbuildError(f"--engine-stall-timeout-s must be > 0, got {self.engine_stall_timeout_s}")
         if self.stream_interval_ms < 0 or self.stream_max_tokens < 0:
             raise TrtbuildError("--stream-interval-ms and --stream-max-tokens must be >= 0 (0: no bound)")
         if self.speculative_decoding_mode not in SPECULATIVE_MODES:

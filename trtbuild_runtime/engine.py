@@ -209,6 +209,9 @@ class EngineLoop:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 return
+            if item[0] == "stall":  # fault injection (EngineLoop.stall): block as a wedged step would
+                self.stopping.wait()
+                return
             if item[0] == "add":
                 _, request_id, prompt, params = item
                 try:

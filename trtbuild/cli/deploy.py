@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 
 from trtbuild.cli.console import console, invocation
+from trtbuild.cli.options import frontend_option
 from trtbuild.errors import TrtbuildError
 
 
@@ -39,6 +40,7 @@ from trtbuild.errors import TrtbuildError
               help="`release` label kube-prometheus-stack selects PodMonitors and rules by.")
 @click.option("--prometheus-url", default="http://prometheus-operated.monitoring.svc", show_default=True,
               help="Prometheus URL written into the prometheus-adapter values.")
+@frontend_option
 def k8s_cmd(repository: Path, out: Path, force: bool, **options) -> None:
     """Kubernetes manifests (Deployment or KServe, Service, HPA, PDB, monitoring) for REPOSITORY."""
     from trtbuild.deploy.k8s import K8sOptions, generate, manifest_files
@@ -50,6 +52,7 @@ def k8s_cmd(repository: Path, out: Path, force: bool, **options) -> None:
         s3_secret=options["s3_secret"], s3_endpoint=options["s3_endpoint"], kserve=options["kserve"],
         hpa_target=options["hpa_target"], startup_timeout_s=options["startup_timeout"], shm_size=options["shm_size"],
         prometheus_release=options["prometheus_release"], prometheus_url=options["prometheus_url"],
+        frontend=options["frontend"],
     )
     plan = generate(repository, out, k8s_options, force=force)
     console.print(f"[green]wrote[/] {out}: {', '.join(manifest_files(plan))}")
@@ -125,6 +128,7 @@ def plan_cmd(bench: Path, rps: float, slo: str, percentile: str, headroom: float
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Run `docker compose config` on the result.")
 @click.option("--monitoring", is_flag=True, help="Add Prometheus, Pushgateway and Grafana (profile `monitoring`).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
+@frontend_option
 def compose(repository: Path, out: Path, notes: tuple[str, ...], validate: bool, monitoring: bool, force: bool,
             **options) -> None:
     """Write a docker-compose.yml that serves REPOSITORY on its GPUs."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from trtbuild.deploy.openai import FRONTENDS
 from trtbuild.precisions import KV_CACHE_DTYPES
 from trtbuild.repository.serving import PROFILES, TIMEOUT_ACTIONS
 from trtbuild.spec import DTYPES, LLM_ENGINES, SPECULATIVE_MODES, BuildSpec, KVCacheSpec
@@ -51,7 +52,7 @@ def build_options(f):
         click.option("--max-matching-ngram-size", type=int, default=_SPEC["max_matching_ngram_size"], show_default=True,
                      help="Longest prompt suffix prompt lookup matches."),
         click.option("--text-env", type=click.Path(path_type=Path), default=None,
-                     help="Python environment (EXECUTION_ENV_PATH) for the tokenizer and BLS models."),
+                     help="Python environment (EXECUTION_ENV_PATH) for the tokenizer models."),
         click.option("--llm-engine", type=click.Choice(LLM_ENGINES), default=_SPEC["llm_engine"], show_default=True,
                      help="transformers runtime: trtbuild's own engine (Llama family) or transformers' continuous batching."),
         click.option("--max-num-tokens", type=int, default=_SPEC["max_num_tokens"], show_default=True,
@@ -60,6 +61,9 @@ def build_options(f):
                      help="Reuse the KV blocks of shared prompt prefixes (prefix caching)."),
         click.option("--stream-interval-ms", type=float, default=_SPEC["stream_interval_ms"], show_default=True,
                      help="Streaming: at most one response per stream this often; tokens in between go together (0: no wait)."),
+        click.option("--engine-stall-timeout-s", type=float, default=_SPEC["engine_stall_timeout_s"], show_default=True,
+                     help="Health: an LLM engine with requests in flight and no progress for this long fails them and "
+                          "new ones until the server is restarted."),
         click.option("--stream-max-tokens", type=int, default=_SPEC["stream_max_tokens"], show_default=True,
                      help="Streaming: at most this many tokens per response (0: all that accumulated; 1: one token each)."),
     ]
@@ -104,3 +108,8 @@ def serving_options(f):
 def pop_serving_options(options: dict[str, Any]) -> dict[str, Any]:
     """Remove the serving options from a command's keyword arguments (the rest build the spec)."""
     return {name: options.pop(name) for name in SERVING_OPTION_NAMES if name in options}
+
+
+frontend_option = click.option(
+    "--frontend", type=click.Choice(FRONTENDS), default="triton", show_default=True,
+    help="openai: Triton's OpenAI-compatible frontend (port 9000, /v1/chat/completions, /v1/completions).")

@@ -12,6 +12,8 @@ import click
 from trtbuild.cli.console import console
 from trtbuild.errors import TrtbuildError
 
+HEALTH_CHECK_S = 1.0  # how often `serve` reads the engines' health gauges
+
 
 @click.command("serve")
 @click.argument("repository", type=click.Path(path_type=Path))
@@ -41,7 +43,12 @@ def serve(repository: Path, http_port: int, grpc_port: int, metrics_port: int, b
                 f"[green]ready[/]: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  log {server.log_path}"
             )
             while server.process.poll() is None:
-                time.sleep(0.5)
+                time.sleep(HEALTH_CHECK_S)
+                unhealthy = server.unhealthy_engines()
+                if unhealthy:
+                    model, why = next(iter(unhealthy.items()))
+                    raise TrtbuildError(f"the LLM engine of model '{model}' is unhealthy ({why}); stopping the server",
+                                        hint=f"restart it (a supervisor restarts it on this exit code); log {server.log_path}")
             raise TrtbuildError(f"tritonserver exited with code {server.process.returncode}:\n{server.log_tail()}")
     except KeyboardInterrupt:
         console.print("stopping tritonserver")

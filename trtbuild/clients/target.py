@@ -2,7 +2,7 @@
 
 Kinds, recognised from the model's metadata:
 - `ensemble`: NVIDIA's ensemble interface (text_input, max_tokens, stream, min_tokens -> text_output);
-  the BLS model speaks it too.
+  the BLS entry point speaks it too.
 - `llmapi`: NVIDIA's LLM-API model (text_input, streaming, sampling_param_max_tokens -> text_output).
 - `tensor`: any other model (ONNX, Python...): random inputs of the dtype and shape its metadata gives.
 """

@@ -22,6 +22,8 @@ import textwrap
 from pathlib import Path
 
 from trtbuild.build.engine import TRITON_TRTLLM_IMAGE, EngineManifest
+from trtbuild.deploy.probe import PROBE_TIMEOUT_S, generate_probe, probe_model
+from trtbuild.deploy.openai import OPENAI_PORT, openai_command
 from trtbuild.errors import TrtbuildError
 from trtbuild.resources import TEMPLATE_ROOT
 from trtbuild.repository.templates import environment
@@ -43,7 +45,8 @@ class ComposePlan:
     ports: tuple[tuple[int, int], ...]  # (host, container)
     gpu_count: int
     shm_size: str
-    healthcheck: tuple[str, ...]
+    healthcheck: tuple[str, ...]  # a one-token generate (trtbuild.deploy.probe)
+    health_timeout_s: int
     start_period_s: int
     project: str
     notes: tuple[str, ...] = ()
@@ -90,7 +93,8 @@ def _mounts(paths: list[Path]) -> tuple[Path, ...]:
 
 
 def plan_compose(repository: Path, *, image: str | None = None, http_port: int = 8000, grpc_port: int = 8001,
-                 metrics_port: int = 8002, shm_size: str = "2gb", start_period_s: int = 600) -> ComposePlan:
+                 metrics_port: int = 8002, shm_size: str = "2gb", start_period_s: int = 600,
+                 frontend: str = "triton", openai_port: int = OPENAI_PORT) -> ComposePlan:
     repository = Path(repository).absolute()
     manifest = load_manifest(repository)
     spec = manifest.get("spec") or {}
@@ -125,14 +129,21 @@ def plan_compose(repository: Path, *, image: str | None = None, http_port: int =
         raise TrtbuildError(f"{repository}/trtbuild.json names paths that do not exist: {', '.join(missing)}",
                             hint="the compose file mounts them into the container")
     llm_model = (manifest.get("entrypoints") or {}).get("llm") or _llm_model(manifest)
-    health = ("CMD", "python3", "-c",
-              f"import urllib.request; urllib.request.urlopen('http://localhost:{CONTAINER_PORTS['http']}/v2/health/ready', timeout=4)")
+    health = ("CMD", *generate_probe(probe_model(manifest), CONTAINER_PORTS["http"]))
+    ports = ((http_port, CONTAINER_PORTS["http"]), (grpc_port, CONTAINER_PORTS["grpc"]), (metrics_port, CONTAINER_PORTS["metrics"]))
+    if frontend == "openai":
+        command = openai_command(str(repository), spec, CONTAINER_PORTS["http"], CONTAINER_PORTS["grpc"])
+        ports = ((openai_port, OPENAI_PORT), *ports[:2])  # its metrics are on /metrics of the OpenAI port
+        notes.append(f"OpenAI-compatible API: http://localhost:{openai_port}/v1/chat/completions and /v1/completions.")
+    else:
+        command = server_command(repository, runtime, world_size, llm_model)
     return ComposePlan(
         repository=repository, runtime=runtime, world_size=world_size, image=image,
-        command=server_command(repository, runtime, world_size, llm_model),
+        command=command,
         mounts=_mounts(paths),
-        ports=((http_port, CONTAINER_PORTS["http"]), (grpc_port, CONTAINER_PORTS["grpc"]), (metrics_port, CONTAINER_PORTS["metrics"])),
-        gpu_count=world_size, shm_size=shm_size, healthcheck=health, start_period_s=start_period_s,
+        ports=ports,
+        gpu_count=world_size, shm_size=shm_size, healthcheck=health, health_timeout_s=PROBE_TIMEOUT_S + 2,
+        start_period_s=start_period_s,
         project=_project_name(repository), notes=tuple(notes),
     )
 

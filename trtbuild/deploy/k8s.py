@@ -34,6 +34,8 @@ import yaml
 
 from trtbuild.deploy import monitoring
 from trtbuild.atomic import atomic_output_dir
+from trtbuild.deploy.openai import FRONTENDS, OPENAI_PORT, openai_command
+from trtbuild.deploy.probe import PROBE_TIMEOUT_S, generate_probe, probe_model
 from trtbuild.errors import TrtbuildError
 from trtbuild.spec import ModelNames
 
@@ -64,6 +66,7 @@ class K8sOptions:
     pvc_name: str | None = None  # default: <name>-models
     s3_uri: str | None = None
     s3_secret: str = "trtbuild-s3-credentials"
+    frontend: str = "triton"  # triton | openai (Triton's OpenAI-compatible frontend on port 9000)
     s3_endpoint: str | None = None
     init_image: str = AWS_CLI_IMAGE
     kserve: bool = False
@@ -79,6 +82,8 @@ class K8sOptions:
                 raise TrtbuildError(f"{flag} must be a positive integer, got {value!r}")
 
         positive("--replicas-min", self.replicas_min)
+        if self.frontend not in FRONTENDS:
+            raise TrtbuildError(f"--frontend {self.frontend} is not one of {', '.join(FRONTENDS)}")
         positive("--replicas-max", self.replicas_max)
         if self.replicas_max < self.replicas_min:
             raise TrtbuildError(f"--replicas-max {self.replicas_max} is below --replicas-min {self.replicas_min}")
@@ -131,6 +136,7 @@ class DeploymentPlan:
     labels: dict[str, str]
     selector: dict[str, str]
     repository: str
+    probe: tuple[str, ...]  # readiness and liveness: a real one-token generate (trtbuild.deploy.probe)
 
     @property
     def startup_failure_threshold(self) -> int:
@@ -248,7 +254,10 @@ def plan_deployment(repository: Path, options: K8sOptions) -> DeploymentPlan:
     check_dns_label("--name", name)
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "triton",
               "app.kubernetes.io/part-of": "trtbuild"}
-    command = launch_command(str(repository), runtime, world_size, names.llm)
+    if options.frontend == "openai":
+        command = list(openai_command(str(repository), spec, HTTP_PORT, GRPC_PORT))
+    else:
+        command = launch_command(str(repository), runtime, world_size, names.llm)
     return DeploymentPlan(
         name=name,
         namespace=options.namespace,
@@ -264,6 +273,7 @@ def plan_deployment(repository: Path, options: K8sOptions) -> DeploymentPlan:
         labels=labels,
         selector={"app.kubernetes.io/name": name},
         repository=str(repository),
+        probe=generate_probe(probe_model(manifest), HTTP_PORT),
     )
 
 
@@ -297,9 +307,11 @@ def render(plan: DeploymentPlan) -> dict[str, str]:
         ratio_metric=monitoring.QUEUE_COMPUTE_RATIO,
         dashboard_json=monitoring.dashboard_json(),
         dashboard_file=monitoring.DASHBOARD_FILE,
-        ports=dict(http=HTTP_PORT, grpc=GRPC_PORT, metrics=METRICS_PORT),
+        ports=dict(http=HTTP_PORT, grpc=GRPC_PORT, metrics=METRICS_PORT,
+                   **({"openai": OPENAI_PORT} if plan.options.frontend == "openai" else {})),
         store_root=STORE_ROOT,
         probe_period=PROBE_PERIOD_S,
+        probe_timeout=PROBE_TIMEOUT_S,
     )
     out: dict[str, str] = {}
     for rel in manifest_files(plan):

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -306,6 +307,18 @@ class TritonServer:
     def metrics(self) -> str:
         with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
             return r.read().decode()
+
+    def unhealthy_engines(self) -> dict[str, str]:
+        """Models whose LLM engine reports itself unhealthy (gauge trtbuild_engine_healthy 0), with the
+        reason it logged. Ready is not healthy: Triton keeps answering /v2/health/ready for a wedged engine."""
+        try:
+            text = self.metrics()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return {}
+        down = [m.group(1) for m in re.finditer(r'^trtbuild_engine_healthy\{model="([^"]+)"\} 0(?:\.0)?$', text, re.M)]
+        log = self.log_path.read_text(errors="replace") if down else ""
+        reasons = re.findall(r"LLM engine unhealthy: (.+?);", log)
+        return {model: reasons[-1] if reasons else "see the server log" for model in down}
 
     def __enter__(self) -> "TritonServer":
         if self.process is None:

@@ -2,7 +2,7 @@
 
 A client written for NVIDIA's `ensemble` (text_input, max_tokens, stream, ...) works against ours,
 and our `llm` step speaks the tensor interface of NVIDIA's C++ `tensorrt_llm` model, so the same
-preprocessing, postprocessing, ensemble and BLS serve every runtime.
+preprocessing, postprocessing and ensembles serve every runtime.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _t(name: str, dtype: str, dims: tuple[int, ...] = (1,), optional: bool = Tru
     return Tensor(name, f"TYPE_{dtype}", dims, optional, reshape)
 
 
-# --- ensemble / BLS (what clients see) -------------------------------------------------------
+# --- ensemble and BLS entry points (what clients see) -------------------------------------------------------
 ENSEMBLE_INPUTS: tuple[Tensor, ...] = (
     _t("text_input", "STRING", (1,), optional=False),
     # required, but declared optional: Triton 2.51 answers a decoupled ensemble's missing required
@@ -115,11 +115,41 @@ TEXT_INPUTS: tuple[Tensor, ...] = (
     _t("stop_words", "STRING", (-1,)),
     _t("bad_words", "STRING", (-1,)),
 )
+# What Triton's OpenAI-compatible frontend sends (always, so they must be declared) and reads for
+# `usage`; NVIDIA's perf metrics, those the engine can fill (a client asking for another output gets
+# Triton's error naming it).
+USAGE_INPUTS: tuple[Tensor, ...] = (
+    _t("return_num_input_tokens", "BOOL", reshape=()),
+    _t("return_num_output_tokens", "BOOL", reshape=()),
+    _t("return_perf_metrics", "BOOL", reshape=()),
+)
+USAGE_OUTPUTS: tuple[Tensor, ...] = (
+    _t("num_input_tokens", "INT32", optional=False),
+    _t("num_output_tokens", "INT32", optional=False),  # this response's tokens: the frontend adds them up
+    _t("arrival_time_ns", "INT64", optional=False),
+    _t("first_scheduled_time_ns", "INT64", optional=False),
+    _t("first_token_time_ns", "INT64", optional=False),
+    _t("last_token_time_ns", "INT64", optional=False),
+    _t("kv_cache_reused_blocks", "INT32", optional=False),
+)
 TEXT_LLM_INPUTS: tuple[Tensor, ...] = tuple(
     dataclasses.replace(t, optional=True) if t.name in ("input_ids", "input_lengths", "request_output_len") else t
     for t in LLM_INPUTS
-) + TEXT_INPUTS
-TEXT_LLM_OUTPUTS: tuple[Tensor, ...] = (_t("text_output", "STRING", (-1,), optional=False),) + LLM_OUTPUTS
+) + TEXT_INPUTS + USAGE_INPUTS
+TEXT_LLM_OUTPUTS: tuple[Tensor, ...] = (_t("text_output", "STRING", (-1,), optional=False),) + LLM_OUTPUTS + USAGE_OUTPUTS
+
+# NVIDIA's ensemble interface on the text model: one step, routed by Triton's core (no Python in
+# between); the ensemble's names map onto the text model's, which takes them as they are but one.
+TEXT_ENSEMBLE_INPUTS: tuple[Tensor, ...] = ENSEMBLE_INPUTS + tuple(dataclasses.replace(t, reshape=None) for t in USAGE_INPUTS)
+TEXT_ENSEMBLE_OUTPUTS: tuple[Tensor, ...] = ENSEMBLE_OUTPUTS + USAGE_OUTPUTS
+ENSEMBLE_TO_TEXT_LLM: dict[str, str] = {"length_penalty": "len_penalty"}
+
+
+def text_ensemble_step(llm: str) -> "Step":
+    """The whole ensemble: every ensemble input to the text model's input, every output back."""
+    return Step(llm,
+                input_map=tuple((ENSEMBLE_TO_TEXT_LLM.get(t.name, t.name), t.name) for t in TEXT_ENSEMBLE_INPUTS),
+                output_map=tuple((t.name, t.name) for t in TEXT_ENSEMBLE_OUTPUTS))
 
 # --- pre/post-processing -----------------------------------------------------------------------
 PREPROCESSING_INPUTS: tuple[Tensor, ...] = (

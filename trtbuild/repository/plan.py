@@ -1,5 +1,5 @@
 """The text-in/text-out repository every LLM runtime shares: preprocessing, the LLM step,
-postprocessing, the ensemble and the BLS; each model described by a ModelPlan that a template renders.
+postprocessing and NVIDIA's two entry points; each model described by a ModelPlan that a template renders.
 
 The runtimes (trtbuild.runtimes) plan their own LLM step and hand it to `plan_llm_repository`.
 """
@@ -7,7 +7,6 @@ The runtimes (trtbuild.runtimes) plan their own LLM step and hand it to `plan_ll
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,7 +46,8 @@ def pbbool(value: bool) -> str:
 
 
 def plan_llm_repository(spec: BuildSpec, llm_plan: Callable[[BuildSpec], ModelPlan]) -> list[ModelPlan]:
-    """The text-in/text-out repository: preprocessing, the LLM step, postprocessing, ensemble and BLS."""
+    """The text-in/text-out repository: preprocessing, the LLM step, postprocessing, and NVIDIA's two entry
+    points (`ensemble`, and `tensorrt_llm_bls` / `llm_bls`) as ensembles."""
     names = spec.names
     tokenizer = str(spec.tokenizer.absolute())
     common = dict(spec=spec)
@@ -84,40 +84,18 @@ def plan_llm_repository(spec: BuildSpec, llm_plan: Callable[[BuildSpec], ModelPl
         python_model="postprocessing",
     )
     llm = llm_plan(spec)
-    outputs = logits_typed(interface.ENSEMBLE_OUTPUTS, spec)
-    ensemble = ModelPlan(
-        names.ensemble,
-        "ensemble",
-        dict(
-            common,
-            inputs=interface.ENSEMBLE_INPUTS,
-            outputs=outputs,
-            steps=interface.ensemble_steps(names.preprocessing, names.llm, names.postprocessing),
-        ),
-    )
-    bls = ModelPlan(
-        names.bls,
-        "bls",
-        dict(
-            common,
-            inputs=interface.ENSEMBLE_INPUTS,
-            outputs=outputs,
-            parameters=[
-                ("preprocessing_model", names.preprocessing),
-                ("llm_model", names.llm),
-                ("llm_input_map", json.dumps(dict(interface.DIRECT_TO_LLM))),
-                ("tokenizer_dir", tokenizer),
-                ("skip_special_tokens", pbbool(spec.skip_special_tokens)),
-                ("max_inflight", spec.max_batch_size * 2),
-                *text_env,
-            ],
-            instances=1,
-        ),
-        python_model="bls",
-    )
-    return [preprocessing, llm, postprocessing, ensemble, bls]
-
-
+    if "text_output" in {t.name for t in llm.context["outputs"]}:
+        # a text model: NVIDIA's two entry points are single-step ensembles onto it, one Python hop
+        step = (interface.text_ensemble_step(names.llm),)
+        inputs, outputs = interface.TEXT_ENSEMBLE_INPUTS, logits_typed(interface.TEXT_ENSEMBLE_OUTPUTS, spec)
+    else:  # token ids only (NVIDIA's tensorrt_llm): tokenize, generate, detokenize, routed by Triton
+        step = interface.ensemble_steps(names.preprocessing, names.llm, names.postprocessing)
+        inputs, outputs = interface.ENSEMBLE_INPUTS, logits_typed(interface.ENSEMBLE_OUTPUTS, spec)
+    # both names route through Triton's core, never through Python calling a decoupled model
+    # (server issues 8922 and 8882: Python BLS into a decoupled model fails under concurrent streams)
+    entries = [ModelPlan(name, "ensemble", dict(common, inputs=inputs, outputs=outputs, steps=step))
+               for name in (names.ensemble, names.bls)]
+    return [preprocessing, llm, postprocessing, *entries]
 
 
 def logits_typed(tensors: tuple[interface.Tensor, ...], spec: BuildSpec) -> tuple[interface.Tensor, ...]:

@@ -44,14 +44,13 @@ Presets (`--serving-profile`), each value with why:
   - response cache on.
 
 No profile leaves every model as the repository generator plans it. Priorities and timeouts of a
-request travel with it: Triton 2.51's ensemble copies the caller's priority and timeout to every
-step request. The BLS passes the caller's timeout to every call it makes, but not its priority: the
-2.51 Python backend can neither read a request's priority nor set one on `pb_utils.InferenceRequest`
-(it takes `timeout`), and the BLS hands requests to worker threads at once, so priority does not act
-through the BLS. The transformers LLM step does not reorder either: it hands each request to
-continuous batching at once, which serves them first come first served (its Triton queue never
-fills, and above capacity requests wait inside continuous batching instead of being rejected); the
-queues in front of it (preprocessing, postprocessing) are where priority and timeouts act.
+request travel with it: Triton 2.51's ensemble copies the caller's priority and timeout to its step.
+Both entry points (`ensemble`, `llm_bls`) are ensembles onto the text model (`llm`), whose dynamic
+batcher is where priority levels and queue policies act: it queues while the model is busy taking
+requests (tokenizing), hands each to the engine at once, and the engine then serves first come,
+first served (above capacity requests wait inside it instead of being rejected). Decoupled, the
+text model neither delays to form batches nor takes the response cache; the tokenizer models called
+directly do.
 
 Triton 2.51 limits this works within: a request's own timeout only shortens a queue's default
 timeout (none without one); a request refused at a model's full queue never reaches that model's

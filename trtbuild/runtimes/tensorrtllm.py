@@ -1,5 +1,6 @@
 """The tensorrtllm runtime: a TensorRT-LLM engine (`trtbuild engine`) behind NVIDIA's C++
-`tensorrt_llm` model, with our preprocessing, postprocessing, ensemble and BLS around it."""
+`tensorrt_llm` model, with our preprocessing and postprocessing, and its two entry points
+(`ensemble`, `tensorrt_llm_bls`) as three-step ensembles around it."""
 
 from __future__ import annotations
 

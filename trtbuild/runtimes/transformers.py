@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from trtbuild.repository import interface
-from trtbuild.repository.plan import ModelPlan, pbbool, plan_llm_repository
+from trtbuild.repository.plan import Batching, ModelPlan, pbbool, plan_llm_repository
 from trtbuild.repository.render import write_spec_repository
 from trtbuild.runtimes.base import Runtime, Written, spec_from_options
 from trtbuild.spec import BuildSpec
@@ -47,7 +47,14 @@ def plan_transformers_llm(spec: BuildSpec) -> ModelPlan:
                 ("speculative_decoding_mode", spec.speculative_decoding_mode),
                 ("max_draft_len", spec.max_draft_len),
                 ("max_matching_ngram_size", spec.max_matching_ngram_size),
+                ("engine_stall_timeout_s", spec.engine_stall_timeout_s),
+                *([("fault_injection_stall_prompt", spec.extra["fault_injection_stall_prompt"])]
+                  if spec.extra.get("fault_injection_stall_prompt") else []),
             ],
+            # requests join the running batch at once; the batcher is where priorities and queue
+            # policies act (the engine itself serves first come, first served)
+            batching=Batching(max_queue_delay_us=0),
+            engine_name={"trtbuild": "trtbuild_runtime", "transformers": "transformers continuous batching"}[choice.engine],
         ),
         python_model="llm",
     )

@@ -1,0 +1,5 @@
+"""`python -m trtbuild`: the command line."""
+
+from trtbuild.cli import main
+
+main()
