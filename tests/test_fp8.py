@@ -1,9 +1,10 @@
-"""The FP8 path of the transformers runtime (row-wise scaled torch._scaled_mm); runs on CPU too."""
+"""The FP8 path of the transformers engine (the runtime's Fp8Linear on its modules) and the sampling
+conventions both engines share; runs on CPU."""
 
 import pytest
 import torch
 
-from trtbuild_runtime.backend import hf_engine
+from trtbuild_runtime.backend import hf_engine, sampling
 from trtbuild_runtime.quantization import Fp8Linear
 
 
@@ -48,7 +49,7 @@ def test_quantize_fp8_keeps_the_head_and_stays_close_to_bf16(tiny_checkpoint):
     ],
 )
 def test_sampling_follows_tensorrt_llm_greedy_convention(values, expected):
-    assert hf_engine.sampling_kwargs(True, 100, **values) == pytest.approx(expected)
+    assert sampling.sampling_kwargs(True, 100, **values) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("values, message", [
@@ -60,9 +61,9 @@ def test_sampling_follows_tensorrt_llm_greedy_convention(values, expected):
 ])
 def test_sampling_rejects_bad_values(values, message):
     with pytest.raises(ValueError, match=message):
-        hf_engine.check_sampling(100, **values)
+        sampling.check_sampling(100, **values)
 
 
 def test_sampling_needs_per_request_processors():
     with pytest.raises(ValueError, match="no per-request sampling"):
-        hf_engine.sampling_kwargs(False, 100, top_k=3)
+        sampling.sampling_kwargs(False, 100, top_k=3)
