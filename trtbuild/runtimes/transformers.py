@@ -50,6 +50,10 @@ def plan_transformers_llm(spec: BuildSpec) -> ModelPlan:
                 ("engine_stall_timeout_s", spec.engine_stall_timeout_s),
                 *([("fault_injection_stall_prompt", spec.extra["fault_injection_stall_prompt"])]
                   if spec.extra.get("fault_injection_stall_prompt") else []),
+                # Triton 2.51's stub mis-reads BYTES tensors under numpy 2 (text_input, text_output): the
+                # text model runs in the numpy<2 environment where one is given, as trtbuild_runtime
+                # needs no transformers (whose scipy/sklearn want numpy 2) and torch takes numpy 1.26
+                *([("EXECUTION_ENV_PATH", str(spec.text_env))] if spec.text_env and choice.engine == "trtbuild" else []),
             ],
             # requests join the running batch at once; the batcher is where priorities and queue
             # policies act (the engine itself serves first come, first served)

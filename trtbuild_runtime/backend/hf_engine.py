@@ -24,7 +24,10 @@ def quantize_fp8(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> int:
 
 
 def load_model(checkpoint: str, dtype: str, device: str, quantization: str = "none"):
+    import transformers
     from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype), attn_implementation="sdpa")
     model = model.to(resolve_device(device)).eval()

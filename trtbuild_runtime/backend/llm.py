@@ -24,6 +24,7 @@ holds a step back:
 
 import threading
 import time
+import traceback
 import uuid
 
 import numpy as np
@@ -95,9 +96,6 @@ class _State:
 
 class TritonPythonModel:
     def initialize(self, args):
-        import transformers
-
-        transformers.logging.set_verbosity_error()
         config, p = parameters(args)
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException("the LLM step must be decoupled")
@@ -128,7 +126,7 @@ class TritonPythonModel:
         self.lock = threading.Lock()
         self.active = {}
         self.unhealthy = None  # why this server must be restarted, once it must
-        self.last_progress = time.monotonic()
+        self.last_progress = self.last_cancel_check = self.last_gauge_update = time.monotonic()
         self.gauges = self._gauges(args["model_name"])
         self.stopping = threading.Event()
         self.dispatcher = threading.Thread(target=self._dispatch, name="trtbuild-dispatch", daemon=True)
@@ -257,23 +255,35 @@ class TritonPythonModel:
 
     # ---------------------------------------------------------------- results out
     def _dispatch(self):
-        last_cancel_check = last_gauges = time.monotonic()
-        while not self.stopping.is_set():
-            newest = {}
-            for result in self.engine.results(timeout=CANCEL_CHECK_S):
-                newest[result.request_id] = result  # results are cumulative: the newest carries all
-            now = time.monotonic()
-            if newest:
-                self.last_progress = now
-            for result in newest.values():
-                self._handle(result)
-            if now - last_cancel_check >= CANCEL_CHECK_S:
-                last_cancel_check = now
-                self._drop_cancelled()
-                self._watch(now)
-            if now - last_gauges >= GAUGE_UPDATE_S:
-                last_gauges = now
-                self._update_gauges()
+        """Never dies quietly: an error here is logged and the loop goes on; should it end anyway, the
+        model reports itself unhealthy, since nothing would answer its requests any more."""
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self._dispatch_once()
+                except Exception:  # noqa: BLE001
+                    pb_utils.Logger.log_error(f"LLM dispatcher: {traceback.format_exc()}")
+                    time.sleep(CANCEL_CHECK_S)
+        finally:
+            if not self.stopping.is_set():
+                self._fail_health("the response dispatcher stopped")
+
+    def _dispatch_once(self):
+        newest = {}
+        for result in self.engine.results(timeout=CANCEL_CHECK_S):
+            newest[result.request_id] = result  # results are cumulative: the newest carries all
+        now = time.monotonic()
+        if newest:
+            self.last_progress = now
+        for result in newest.values():
+            self._handle(result)
+        if now - self.last_cancel_check >= CANCEL_CHECK_S:
+            self.last_cancel_check = now
+            self._drop_cancelled()
+            self._watch(now)
+        if now - self.last_gauge_update >= GAUGE_UPDATE_S:
+            self.last_gauge_update = now
+            self._update_gauges()
 
     def _watch(self, now):
         if self.unhealthy:

@@ -119,16 +119,24 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, self.embed.weight if self.tied else self.lm_head.weight)
 
     def set_rope(self, hf_config, max_positions: int) -> None:
-        """cos/sin for every position, computed as transformers computes them."""
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        """cos/sin for every position, by transformers' own RoPE functions (its rope utilities only: the
+        modeling modules import generation code that needs scipy, which the numpy<2 serving environment
+        cannot load)."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        rope = LlamaRotaryEmbedding(hf_config)
+        rope_type = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type == "default":
+            base = hf_config.rope_parameters["rope_theta"]
+            dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+            inv_freq, scaling = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config)
         positions = torch.arange(max_positions, dtype=torch.float32)
-        freqs = positions[:, None] * rope.inv_freq.float()[None, :]
+        freqs = positions[:, None] * inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         dtype, device = self.embed.weight.dtype, self.embed.weight.device
-        self.cos = (emb.cos() * rope.attention_scaling).to(dtype).to(device)
-        self.sin = (emb.sin() * rope.attention_scaling).to(dtype).to(device)
+        self.cos = (emb.cos() * scaling).to(dtype).to(device)
+        self.sin = (emb.sin() * scaling).to(dtype).to(device)
 
 
 # checkpoint name -> (our parameter, which slice of a merged matrix: (index, sizes attribute))
