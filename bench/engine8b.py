@@ -1,0 +1,406 @@
+"""The engine at real model size: a Llama-3.1-8B-shaped checkpoint (random weights), engine direct.
+
+`python bench/gpu_suite.py --stages engine8b` (alone: no tokenizer, no tritonserver needed) builds
+the checkpoint on the GPU in bf16 (HF init with a fixed seed, written to /dev/shm when it fits,
+else under /tmp, never under $OUT), checks greedy agreement with HF (teacher-forced) on a small
+engine, then runs each mode (BF16, FP8, FP8 + FP8 KV, INT4 AWQ / GPTQ...) at 1 stream and at the
+listed loads, 128 in / 128 out forced, closed loop. Every point prints one line and rewrites
+engine8b.json: a run killed at its limit keeps what it measured.
+
+Each row carries two bounds: the bandwidth bound (a decode step reads the mode's weights and the
+live KV once, at the card's HBM bandwidth) and the compute bound (2 x matmul parameters FLOP per
+token, prompt and output, at the card's dense tensor rate: ~790 TFLOP/s bf16 as measured here,
+twice that for FP8 GEMMs), and the published TensorRT-LLM figure where one exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHAPES = {
+    # Llama-3.1-8B: hidden 4096, 32 layers, 32 / 8 heads, intermediate 14,336, vocab 128,256, llama3 rope
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256),
+    "tiny": dict(hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=512),
+}
+LLAMA31 = dict(rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False, rms_norm_eps=1e-5,
+               bos_token_id=128000, eos_token_id=128001,
+               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192})
+MODES = {"bf16": {}, "fp8": dict(quantization="fp8"), "fp8+kv-fp8": dict(quantization="fp8", kv_cache_dtype="fp8"),
+         "kv-fp8": dict(kv_cache_dtype="fp8"), "fp8-tensorwise": dict(quantization="fp8", fp8_gemm="tensorwise"),
+         "int4_awq": dict(quantization="int4_awq"), "int4_gptq": dict(quantization="int4_gptq")}
+
+# TensorRT-LLM perf overview, Llama-3.1-8B FP8, one GPU, 128/128, trtllm-bench throughput at max load (output tok/s)
+PUBLISHED = {"H200": {"v0.19-0.20": 28447, "v1.0": 27911}, "H100": {"v0.19-0.20": 27569, "v1.0": 28312}}
+NIM_ONE_STREAM = {"tok_s": 214.6, "itl_ms": 4.63, "ttft_ms": 10.3}  # NIM, Llama-3.1-8B, one concurrent request
+CARDS = {  # HBM bytes/s (datasheet), dense bf16 FLOP/s (measured on this workplace's cards, 8192^3 GEMM)
+    "H200": (4.8e12, 790e12), "H100": (3.35e12, 790e12), "cpu": (50e9, 1e12)}
+
+
+def card_of(device: str) -> str:
+    if device != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name()
+    return "H200" if "H200" in name else "H100" if "H100" in name else name
+
+
+def build(shape: str, dtype: torch.dtype, device: str, seed: int = 0):
+    """The HF model with random weights, made on the device in `dtype` (no float32 copy)."""
+    import transformers
+
+    extra = dict(LLAMA31)
+    if SHAPES[shape]["vocab_size"] <= extra["eos_token_id"]:
+        extra.update(bos_token_id=1, eos_token_id=2)
+    config = transformers.LlamaConfig(**SHAPES[shape], **extra)
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype).eval()
+
+
+def checkpoint_dir(nbytes: int) -> Path:
+    """/dev/shm when it holds the checkpoint twice over (no disk), else /tmp; never $OUT (it would travel back)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > 2 * nbytes:
+        return shm / "trtbuild-engine8b"
+    return Path("/tmp/trtbuild-engine8b")
+
+
+def matmul_params(c: dict) -> tuple[int, int]:
+    """(decoder matmul parameters, output-head parameters)."""
+    h, i, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    head_dim = h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i
+    return layers * per_layer, h * c["vocab_size"]
+
+
+class Bounds:
+    def __init__(self, c: dict, card: str, in_len: int, out_len: int):
+        self.hbm, self.bf16_flops = CARDS.get(card, CARDS["H100"])
+        self.body, self.head = matmul_params(c)
+        self.in_len, self.out_len = in_len, out_len
+        head_dim = c["hidden_size"] // c["num_attention_heads"]
+        self.layers, self.kv_heads, self.head_dim = c["num_hidden_layers"], c["num_key_value_heads"], head_dim
+
+    def flops_per_request(self) -> float:
+        """Matmul FLOP of one request: every prompt and output token through the decoder, the head once per output token,
+        plus attention (QK and PV over the live context)."""
+        tokens = self.in_len + self.out_len
+        attn = sum(4 * self.layers * self.kv_heads * 4 * self.head_dim * (p + 1) for p in range(tokens))  # 32 q heads = 4 x 8
+        return 2 * self.body * tokens + 2 * self.head * self.out_len + attn
+
+    def compute(self, mode: str) -> float:
+        """Output tok/s if the tensor cores ran every request's FLOP at their dense rate (FP8 GEMMs at twice bf16's)."""
+        rate = self.bf16_flops * (2 if mode.startswith("fp8") else 1)  # W4A16 multiplies in bf16
+        return rate / (self.flops_per_request() / self.out_len)
+
+    def bandwidth(self, c: int, weight_bytes: int, kv_bytes_per_token: int) -> float:
+        """Output tok/s if each decode step only read the weights and the live KV (mean context) at HBM speed."""
+        step = (weight_bytes + c * (self.in_len + self.out_len / 2) * kv_bytes_per_token) / self.hbm
+        return c / step
+
+
+def closed_loop(engine, concurrency: int, total: int, in_len: int, out_len: int, seed: int) -> dict:
+    from bench.gpu_suite import closed_loop as loop
+
+    before = engine.scheduler.preemptions
+    steps = engine.steps
+    r = loop(engine, concurrency, total, in_len, out_len, seed)
+    r["preemptions"] = engine.scheduler.preemptions - before
+    r["steps"] = engine.steps - steps
+    return r
+
+
+def _p(values, q) -> float:
+    return float(np.percentile(values, q))
+
+
+def requests_for(c: int, in_len: int, out_len: int) -> int:
+    """1 stream: 4 requests; otherwise two waves of the concurrency (the first wave's prefill burst is half the run)."""
+    return 4 if c == 1 else max(2 * c, 16)
+
+
+def agreement(report: dict, hf, checkpoint: Path, dtype: str, device: str, count: int, in_len: int, out_len: int) -> None:
+    from bench.gpu_suite import agreement as agree
+    from bench.gpu_suite import engine_config
+    from trtbuild_runtime import LLMEngine
+
+    per_seq = -(-(in_len + out_len + 16) // 32)
+    engine = LLMEngine(engine_config(checkpoint, dtype, device, count, in_len + out_len + 16,
+                                     kv_cache_num_blocks=count * per_seq + 8))
+
+    class Sink:  # agreement() writes into suite.report
+        pass
+
+    sink = Sink()
+    sink.report = report
+    agree(sink, engine, hf, device, count, in_len, out_len)
+    del engine
+
+
+def step_profile(engine, concurrency: int, in_len: int, out_len: int, steps: int = 12) -> dict:
+    """Decode steps at `concurrency` under the torch profiler: wall, GPU kernel time by kind, host = the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.gpu_suite import prompts
+    from trtbuild_runtime import SamplingParams
+
+    for i in range(concurrency):
+        engine.add_request(f"prof-{concurrency}-{i}", prompts(engine.vocab_size, 1, in_len, seed=i)[0],
+                           SamplingParams(max_tokens=out_len, top_k=1, ignore_eos=True))
+    while engine.scheduler.waiting:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    # wall time without the profiler first (the profiler adds host time of its own)
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    kernels = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0) or 0
+        if us <= 0 or getattr(e.device_type, "name", "") != "CUDA":
+            continue
+        name = e.key
+        low = name.lower()
+        if any(k in low for k in ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "_w4a16", "scaled_mm", "matmul", "cublas")):
+            kind = "gemm"
+        elif "paged_decode" in low or "flash" in low or "attention" in low or "fmha" in low:
+            kind = "attention"
+        elif "memcpy" in low or "memset" in low:
+            kind = "copy"
+        else:
+            kind = "other"
+        kinds[kind] = kinds.get(kind, 0.0) + us / steps / 1e3
+        kernels.append((name[:70], round(us / steps / 1e3, 4), kind))
+    gpu = sum(kinds.values())
+    for rid in list(engine.seqs):
+        engine.abort(rid)
+    kernels.sort(key=lambda k: -k[1])
+    return {"step_ms": wall * 1e3, "gpu_kernel_ms": gpu, "host_ms": max(wall * 1e3 - gpu, 0.0), "gpu_share": gpu / (wall * 1e3),
+            "by_kind_ms": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}, "top_kernels": kernels[:10]}
+
+
+def run(args, out: Path) -> dict:
+    """The engine8b stage; returns (and keeps writing) the report."""
+    from bench.gpu_suite import engine_config
+    from trtbuild_runtime import LLMEngine
+    from trtbuild_runtime.quantization import weight_bytes
+
+    device = args.device
+    dtype = getattr(torch, args.dtype)
+    card = card_of(device)
+    in_len, out_len = args.input_len, args.output_len
+    loads = [int(x) for x in args.engine8b_concurrency.split(",") if x]
+    modes = [m for m in args.engine8b_modes.split(",") if m]
+    report = {"stage": "engine8b", "shape": args.engine8b_shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "card": card, "date": time.strftime("%Y-%m-%d"), "dtype": args.dtype, "input_len": in_len, "output_len": out_len,
+              "torch": torch.__version__, "started": time.time(), "modes": {}, "rows": [], "published_trtllm_fp8_max_load": PUBLISHED,
+              "nim_one_stream": NIM_ONE_STREAM}
+    try:
+        import transformers
+        import triton
+
+        report.update(transformers=transformers.__version__, triton=triton.__version__)
+    except ImportError:
+        pass
+    path = out / "engine8b.json"
+
+    def save():
+        report["seconds"] = round(time.time() - report["started"], 1)
+        report["goals"] = goals(report)
+        path.write_text(json.dumps(report, indent=1, default=str))
+
+    # ---- the checkpoint
+    t = time.time()
+    hf = build(args.engine8b_shape, dtype, device)
+    c = hf.config.to_dict()
+    nbytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    build_s = time.time() - t
+    ckpt = checkpoint_dir(nbytes)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    t = time.time()
+    hf.save_pretrained(ckpt, max_shard_size="4GB")
+    save_s = time.time() - t
+    report["checkpoint"] = {"path": str(ckpt), "bytes": nbytes, "parameters": sum(p.numel() for p in hf.parameters()),
+                            "init_s": round(build_s, 1), "write_s": round(save_s, 1), "write_gb_s": round(nbytes / max(save_s, 1e-9) / 1e9, 2)}
+    print(f"engine8b on {report['device']}: {report['checkpoint']['parameters'] / 1e9:.2f}B params, init on the device "
+          f"{build_s:.1f} s, written to {ckpt} in {save_s:.1f} s ({report['checkpoint']['write_gb_s']} GB/s)", flush=True)
+    bounds = Bounds(c, card, in_len, out_len)
+    report["flops_per_request"] = bounds.flops_per_request()
+    save()
+
+    # ---- agreement with HF (teacher-forced), on a small engine beside the HF model
+    if args.engine8b_agreement > 0:
+        t = time.time()
+        try:
+            agreement(report, hf, ckpt, args.dtype, device, args.engine8b_agreement, in_len, min(out_len, 64))
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            report["agreement_error"] = f"{type(e).__name__}: {e}"
+        report["agreement_s"] = round(time.time() - t, 1)
+        save()
+    del hf
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    # ---- the modes
+    max_len = in_len + out_len + 16
+    for mode in modes:
+        t = time.time()
+        try:
+            engine = LLMEngine(engine_config(ckpt, args.dtype, device, max(loads), max_len, **MODES[mode]))
+        except Exception as e:  # noqa: BLE001 - a mode that cannot start must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            report["modes"][mode] = {"error": f"{type(e).__name__}: {e}"}
+            save()
+            continue
+        r = engine.runner
+        per_seq = -(-(in_len + out_len) // r.page)
+        info = {"start_s": round(time.time() - t, 1), "num_blocks": r.num_blocks, "page": r.page,
+                "kv_bytes_per_token": r.block_bytes // r.page, "kv_pool_bytes": r.kv.numel() * r.kv.element_size(),
+                "weight_bytes": weight_bytes(r.model), "sequences_kv_holds": r.num_blocks // per_seq,
+                "cuda_graphs": len(r.graphs), "largest_graph": max(r.graphs) if r.graphs else 0}
+        if device == "cuda":
+            info["memory_allocated"] = torch.cuda.memory_allocated()
+            info["memory_reserved"] = torch.cuda.memory_reserved()
+        report["modes"][mode] = info
+        print(f"== 8B {mode}: ready in {info['start_s']} s; weights {info['weight_bytes'] / 2**30:.2f} GiB, KV pool "
+              f"{info['kv_pool_bytes'] / 2**30:.2f} GiB ({r.num_blocks} blocks x {r.page}, {info['kv_bytes_per_token']} B/token, "
+              f"{info['sequences_kv_holds']} sequences of {in_len + out_len}), graphs up to {info['largest_graph']}", flush=True)
+        save()
+        closed_loop(engine, 2, 4, in_len, out_len, seed=999)  # warm-up
+        for conc in loads:
+            if conc > info["sequences_kv_holds"]:
+                print(f"  {mode} {conc}: skipped, the KV pool holds {info['sequences_kv_holds']} sequences", flush=True)
+                continue
+            total = requests_for(conc, in_len, out_len)
+            res = closed_loop(engine, conc, total, in_len, out_len, seed=conc)
+            tps = res["tokens"] / res["elapsed"]
+            bw = bounds.bandwidth(conc, info["weight_bytes"], info["kv_bytes_per_token"])
+            comp = bounds.compute(mode)
+            row = {"mode": mode, "concurrency": conc, "requests": total, "output_tokens_per_s": tps,
+                   "ttft_p50_ms": _p(res["ttft"], 50), "ttft_p99_ms": _p(res["ttft"], 99),
+                   "itl_p50_ms": _p(res["itl"], 50), "itl_p99_ms": _p(res["itl"], 99),
+                   "latency_p50_ms": _p(res["latency"], 50), "preemptions": res["preemptions"], "steps": res["steps"],
+                   "elapsed_s": res["elapsed"], "bandwidth_bound_tok_s": bw, "bandwidth_bound_fraction": tps / bw,
+                   "compute_bound_tok_s": comp, "compute_bound_fraction": tps / comp, "card": card}
+            if mode.startswith("fp8") and conc == max(loads) and card in PUBLISHED:
+                row["published_trtllm"] = PUBLISHED[card]
+            report["rows"].append(row)
+            print(f"  8B {mode:12} {conc:>5} {tps:>9.1f} tok/s  TTFT p50 {row['ttft_p50_ms']:.1f} p99 {row['ttft_p99_ms']:.1f}  "
+                  f"ITL p50 {row['itl_p50_ms']:.2f} p99 {row['itl_p99_ms']:.2f} ms  {row['bandwidth_bound_fraction']:.1%} of BW bound, "
+                  f"{row['compute_bound_fraction']:.1%} of compute bound, preemptions {res['preemptions']}", flush=True)
+            save()
+        if mode in args.engine8b_profile.split(","):
+            prof = {}
+            for conc in (1, max(loads)):
+                if conc > info["sequences_kv_holds"]:
+                    continue
+                p = step_profile(engine, conc, in_len, out_len)
+                prof[conc] = p
+                print(f"  profile {mode} {conc:>5} streams: step {p['step_ms']:.2f} ms, GPU {p['gpu_kernel_ms']:.2f} ms "
+                      f"({p['gpu_share']:.0%}), host/idle {p['host_ms']:.2f} ms; " +
+                      ", ".join(f"{k} {v:.2f}" for k, v in p["by_kind_ms"].items()), flush=True)
+                for name, ms, kind in p["top_kernels"][:6]:
+                    print(f"        {ms:8.3f} ms  {kind:9} {name}", flush=True)
+            info["profile"] = prof
+            save()
+        del engine, r
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    save()
+    shutil.rmtree(ckpt, ignore_errors=True)
+    print_table(report)
+    return report
+
+
+def goals(report: dict) -> dict:
+    rows = report["rows"]
+
+    def tps(mode, conc=None, key="output_tokens_per_s"):
+        mine = [r for r in rows if r["mode"] == mode and (conc is None or r["concurrency"] == conc)]
+        if conc is None:  # maximum load measured
+            mine = sorted(mine, key=lambda r: r["concurrency"])[-1:]
+            mine = [r for r in mine if r["concurrency"] > 1]
+        return mine[0][key] if mine else None
+
+    out = {}
+    published = PUBLISHED.get(report.get("card"), {}).get("v0.19-0.20")
+
+    def check(name, value, goal, higher=True):
+        if value is not None:
+            out[name] = {"value": value, "goal": goal, "met": value >= goal if higher else value <= goal}
+
+    if published:
+        check("fp8_max_load_vs_published_trtllm", tps("fp8"), published)
+    for c in (64,):
+        if tps("fp8", c) and tps("bf16", c):
+            check(f"fp8_vs_bf16_{c}", tps("fp8", c) / tps("bf16", c), 1.3)
+    if tps("fp8") and tps("bf16"):
+        check("fp8_vs_bf16_max_load", tps("fp8") / tps("bf16"), 1.3)
+    check("fp8_1_stream_tok_s", tps("fp8", 1), 450)
+    check("fp8_1_stream_itl_ms", tps("fp8", 1, "itl_p50_ms"), 2.2, higher=False)
+    check("bf16_1_stream_tok_s", tps("bf16", 1), 250)
+    for m in ("int4_awq", "int4_gptq"):
+        if tps(m, 1) and tps("bf16", 1):
+            check(f"{m}_1_stream_vs_bf16", tps(m, 1) / tps("bf16", 1), 1.8)
+        modes = report["modes"]
+        if modes.get(m, {}).get("weight_bytes") and modes.get("bf16", {}).get("weight_bytes"):
+            check(f"{m}_weight_bytes_vs_bf16", modes[m]["weight_bytes"] / modes["bf16"]["weight_bytes"], 0.3, higher=False)
+    for m in report["modes"]:
+        pre = sum(r["preemptions"] for r in rows if r["mode"] == m)
+        if any(r["mode"] == m for r in rows):
+            check(f"{m}_preemptions", pre, 0, higher=False)
+    if report.get("agreement"):
+        check("teacher_forced_token_agreement", report["agreement"]["teacher_forced_agreement"], 0.99)
+    return out
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['device']} ({report['card']})  {report['checkpoint']['parameters'] / 1e9:.2f}B Llama-3.1-8B shape, random "
+          f"weights, {report['input_len']} in / {report['output_len']} out  ({report['seconds']} s)")
+    print(f"{'mode':12} {'conc':>5} {'tok/s':>9} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} {'p99':>6} {'BW bnd':>7} {'FLOP bnd':>8} {'preempt':>7}")
+    for r in report["rows"]:
+        print(f"{r['mode']:12} {r['concurrency']:>5} {r['output_tokens_per_s']:>9.1f} {r['ttft_p50_ms']:>9.1f} {r['ttft_p99_ms']:>8.1f} "
+              f"{r['itl_p50_ms']:>8.2f} {r['itl_p99_ms']:>6.2f} {r['bandwidth_bound_fraction']:>7.1%} {r['compute_bound_fraction']:>8.1%} "
+              f"{r['preemptions']:>7}")
+    for name, g in report["goals"].items():
+        print(f"goal {name}: {g['value']:.3f} (goal {g['goal']}) {'met' if g['met'] else 'MISSED'}")
