@@ -32,7 +32,7 @@ SHAPES = {
     # Llama-3.1-8B: hidden 4096, 32 layers, 32 / 8 heads, intermediate 14,336, vocab 128,256, llama3 rope
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                vocab_size=128256),
-    "tiny": dict(hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=512),
 }
 LLAMA31 = dict(rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False, rms_norm_eps=1e-5,
@@ -117,6 +117,92 @@ class Bounds:
         """Output tok/s if each decode step only read the weights and the live KV (mean context) at HBM speed."""
         step = (weight_bytes + c * (self.in_len + self.out_len / 2) * kv_bytes_per_token) / self.hbm
         return c / step
+
+
+def write_int4_checkpoint(source: Path, out: Path, method: str, group: int = 128, device: str = "cpu") -> Path:
+    """`source` (16-bit) with every decoder projection rounded to nearest INT4 and stored in `method`'s layout: ModelOpt's
+    W4A16_AWQ export (int4_awq; no pre_quant_scale, as when ModelOpt folds it into the norms) or HF GPTQ (int4_gptq,
+    symmetric, format gptq). No calibration: what it measures is the GEMM and the bytes, not AWQ's or GPTQ's accuracy."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from trtbuild_runtime import int4
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
+            shutil.copy(f, out / f.name)
+    for i, file in enumerate(sorted(source.glob("*.safetensors"))):
+        tensors = {}
+        with safe_open(str(file), framework="pt", device=device) as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if ".layers." in name and name.endswith("_proj.weight"):
+                    codes, scales = int4.quantize_rtn(t, group)
+                    prefix = name.removesuffix(".weight")
+                    if method == "int4_awq":
+                        tensors[name], tensors[prefix + ".weight_scale"] = int4.to_modelopt(codes, scales.to(t.dtype))
+                    else:
+                        tensors.update({f"{prefix}.{leaf}": v for leaf, v in int4.to_gptq(codes, scales, group).items()})
+                else:
+                    tensors[name] = t
+        save_file({k: v.contiguous() for k, v in tensors.items()}, out / f"model-{i:05d}.safetensors")
+        del tensors
+    config = json.loads((out / "config.json").read_text())
+    if method == "int4_awq":
+        config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "W4A16_AWQ", "ignore": ["lm_head", "model.embed_tokens"]}
+        (out / "hf_quant_config.json").write_text(json.dumps({"quantization": {
+            "quant_algo": "W4A16_AWQ", "group_size": group, "has_zero_point": False, "pre_quant_scale": False,
+            "exclude_modules": ["lm_head", "model.embed_tokens"]}}))
+    else:
+        config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": True,
+                                         "checkpoint_format": "gptq"}
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return out
+
+
+def int4_gemm_bench(report: dict, c: dict, device: str) -> None:
+    """The 8B decode GEMMs of one layer, W4A16 kernel vs bf16 cuBLAS, kernel time in a CUDA graph (us)."""
+    from trtbuild_runtime import int4
+
+    h, i = c["hidden_size"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
+    shapes = {"qkv": (h, h + 2 * kv), "o": (h, h), "gate_up": (h, 2 * i), "down": (i, h)}
+
+    def timed(fn, n=20) -> float:
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(n):
+                fn()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / n * 1e3
+
+    results = {}
+    for m in (1, 16, 64, 256):
+        row = {}
+        for name, (k, n) in shapes.items():
+            w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+            layer = int4.Int4Linear.from_weight(w, 128)
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            ref = x @ layer.weight_16bit().t()
+            err = ((layer(x).float() - ref.float()).norm() / ref.float().norm()).item()
+            row[name] = {"bf16_us": timed(lambda: torch.nn.functional.linear(x, w)), "int4_us": timed(lambda: layer(x)),
+                         "rel_err": err, "int4_bytes": layer.qweight.nbytes + layer.scales.nbytes}
+        total = {k: sum(r[k] for r in row.values()) for k in ("bf16_us", "int4_us", "int4_bytes")}
+        row["layer"] = total
+        results[m] = row
+        print(f"  W4A16 GEMMs of one layer, M={m:>4}: bf16 {total['bf16_us']:.1f} us, int4 {total['int4_us']:.1f} us "
+              f"({total['int4_bytes'] / total['int4_us'] / 1e3:.0f} GB/s); max rel err "
+              f"{max(r['rel_err'] for k, r in row.items() if k != 'layer'):.2e}", flush=True)
+    report["int4_gemm"] = results
 
 
 def closed_loop(engine, concurrency: int, total: int, in_len: int, out_len: int, seed: int) -> dict:
@@ -280,10 +366,28 @@ def run(args, out: Path) -> dict:
 
     # ---- the modes
     max_len = in_len + out_len + 16
+    if any(m.startswith("int4") for m in modes) and device == "cuda":
+        try:
+            int4_gemm_bench(report, c, device)
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            report["int4_gemm_error"] = f"{type(e).__name__}: {e}"
+        save()
     for mode in modes:
         t = time.time()
+        source = ckpt
+        mode_loads = [int(x) for x in args.engine8b_int4_concurrency.split(",") if x] if mode.startswith("int4") else loads
         try:
-            engine = LLMEngine(engine_config(ckpt, args.dtype, device, max(loads), max_len, **MODES[mode]))
+            if mode in ("int4_awq", "int4_gptq"):
+                source = write_int4_checkpoint(ckpt, ckpt.with_name(ckpt.name + "-" + mode), mode, 128, device)
+                report.setdefault("int4_checkpoints", {})[mode] = {"write_s": round(time.time() - t, 1), "bytes": sum(
+                    f.stat().st_size for f in source.glob("*.safetensors"))}
+                print(f"  {mode} checkpoint (round-to-nearest codes in its layout) written in {time.time() - t:.1f} s, "
+                      f"{report['int4_checkpoints'][mode]['bytes'] / 2**30:.2f} GiB", flush=True)
+                t = time.time()
+            engine = LLMEngine(engine_config(source, args.dtype, device, max(mode_loads), max_len, **MODES[mode]))
         except Exception as e:  # noqa: BLE001 - a mode that cannot start must not lose the others
             import traceback
 
@@ -306,7 +410,7 @@ def run(args, out: Path) -> dict:
               f"{info['sequences_kv_holds']} sequences of {in_len + out_len}), graphs up to {info['largest_graph']}", flush=True)
         save()
         closed_loop(engine, 2, 4, in_len, out_len, seed=999)  # warm-up
-        for conc in loads:
+        for conc in mode_loads:
             if conc > info["sequences_kv_holds"]:
                 print(f"  {mode} {conc}: skipped, the KV pool holds {info['sequences_kv_holds']} sequences", flush=True)
                 continue
@@ -321,7 +425,7 @@ def run(args, out: Path) -> dict:
                    "latency_p50_ms": _p(res["latency"], 50), "preemptions": res["preemptions"], "steps": res["steps"],
                    "elapsed_s": res["elapsed"], "bandwidth_bound_tok_s": bw, "bandwidth_bound_fraction": tps / bw,
                    "compute_bound_tok_s": comp, "compute_bound_fraction": tps / comp, "card": card}
-            if mode.startswith("fp8") and conc == max(loads) and card in PUBLISHED:
+            if mode.startswith("fp8") and conc == max(mode_loads) and card in PUBLISHED:
                 row["published_trtllm"] = PUBLISHED[card]
             report["rows"].append(row)
             print(f"  8B {mode:12} {conc:>5} {tps:>9.1f} tok/s  TTFT p50 {row['ttft_p50_ms']:.1f} p99 {row['ttft_p99_ms']:.1f}  "
@@ -330,7 +434,7 @@ def run(args, out: Path) -> dict:
             save()
         if mode in args.engine8b_profile.split(","):
             prof = {}
-            for conc in (1, max(loads)):
+            for conc in sorted({1, max(mode_loads)}):
                 if conc > info["sequences_kv_holds"]:
                     continue
                 p = step_profile(engine, conc, in_len, out_len)
@@ -343,6 +447,8 @@ def run(args, out: Path) -> dict:
             info["profile"] = prof
             save()
         del engine, r
+        if source != ckpt:
+            shutil.rmtree(source, ignore_errors=True)
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -63,6 +63,9 @@ def resolve_quantization(requested: str, hf_config: dict, device: torch.device) 
     quantization = stored if requested == "none" else requested
     if stored != "none" and quantization != stored:
         raise ValueError(f"the checkpoint is quantized {stored}; it cannot run as {quantization}")
+    if quantization in ("int4_awq", "int4_gptq") and stored == "none":
+        raise ValueError(f"{quantization} runs a pre-quantized checkpoint (trtbuild quantize --precision {quantization} --format hf); "
+                         "int4_wo quantizes a 16-bit one at load")
     if quantization == "fp8" and not _fp8_capable(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(f"FP8 needs compute capability 8.9 or later; {torch.cuda.get_device_name(device)} is {major}.{minor}")
@@ -102,7 +105,8 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.quantization = resolve_quantization(config.quantization, hf_config, self.device)
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, hf_config, self.dtype, self.device)
-        self.model = load_model(config.model, self.dtype, self.device, config.max_seq_len, self.quantization, config.fp8_gemm)
+        self.model = load_model(config.model, self.dtype, self.device, config.max_seq_len, self.quantization, config.fp8_gemm,
+                                config.block_size)
         self.vocab_size = self.model.vocab_size
         first = self.model.layers[0].attn
         self.kv_heads, self.head_dim, self.num_layers = first.kv_heads, first.head_dim, len(self.model.layers)
