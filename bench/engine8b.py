@@ -198,6 +198,28 @@ def int4_gemm_bench(report: dict, c: dict, device: str) -> None:
                          "rel_err": err, "int4_bytes": layer.qweight.nbytes + layer.scales.nbytes}
         total = {k: sum(r[k] for r in row.values()) for k in ("bf16_us", "int4_us", "int4_bytes")}
         row["layer"] = total
+        if m == 1:  # tactics of the decode kernel: (BM, BN, BK, SPLIT_K, warps, stages)
+            tactics = [(16, 32, 128, 1, 4, 4), (16, 64, 128, 2, 4, 4), (16, 64, 128, 4, 4, 4), (16, 128, 128, 4, 4, 4),
+                       (16, 64, 128, 8, 4, 4), (16, 128, 128, 8, 8, 3), (16, 32, 128, 4, 4, 4), (16, 256, 128, 8, 8, 3)]
+            best = {}
+            for name, (k, n) in shapes.items():
+                w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+                layer = int4.Int4Linear.from_weight(w, 128)
+                x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+                times = {}
+                for cfg in tactics:
+                    if (k // 128) % cfg[3]:
+                        continue
+                    try:
+                        times[str(cfg)] = timed(lambda cfg=cfg: int4.w4a16_matmul(x, layer.qweight, layer.scales, None, 128, cfg))
+                    except Exception as e:  # noqa: BLE001
+                        times[str(cfg)] = f"{type(e).__name__}"
+                ok = {c: t for c, t in times.items() if isinstance(t, float)}
+                best[name] = {"times_us": times, "best": min(ok, key=ok.get) if ok else None,
+                              "default": str(int4._config(1, n, k, 128, torch.cuda.get_device_properties(0).multi_processor_count))}
+                print(f"    M=1 {name:8} " + "  ".join(f"{c}: {t:.1f}" if isinstance(t, float) else f"{c}: {t}"
+                                                      for c, t in times.items()), flush=True)
+            row["tactics"] = best
         results[m] = row
         print(f"  W4A16 GEMMs of one layer, M={m:>4}: bf16 {total['bf16_us']:.1f} us, int4 {total['int4_us']:.1f} us "
               f"({total['int4_bytes'] / total['int4_us'] / 1e3:.0f} GB/s); max rel err "

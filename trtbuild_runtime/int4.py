@@ -93,13 +93,15 @@ def _build_kernel():
         offs_n = pid_n * BN + tl.arange(0, BN)
         m_ok = offs_m < M
         n_ok = offs_n < N
-        shift = ((tl.arange(0, BK) % 8) * 4)[:, None]
+        shifts = tl.arange(0, 8) * 4
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for kt in range(pid_k, K // BK, SPLIT_K):
             offs_k = kt * BK + tl.arange(0, BK)
             x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None], other=0.0)
-            q = tl.load(QW + (offs_k // 8)[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)
-            codes = ((q >> shift) & 0xF).to(tl.float32)
+            # each int32 word once ([BK / 8, BN]), unpacked in registers to [BK, BN]: row 8w + i is bits 4i of word w
+            offs_w = kt * (BK // 8) + tl.arange(0, BK // 8)
+            q = tl.load(QW + offs_w[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)
+            codes = tl.reshape((q[:, None, :] >> shifts[None, :, None]) & 0xF, (BK, BN)).to(tl.float32)
             g = (kt * BK) // GROUP
             s = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             if HAS_ZEROS:
@@ -132,7 +134,7 @@ def _config(m: int, n: int, k: int, group: int, sms: int) -> tuple[int, int, int
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 group: int) -> torch.Tensor:
+                 group: int, config: tuple | None = None) -> torch.Tensor:
     """x [M, K] (16-bit) @ dequantized(qweight)^T -> [M, N] in x's dtype, by the Triton kernel."""
     global _kernel
     if _kernel is None:
@@ -143,7 +145,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         raise ValueError(f"W4A16 needs the group size ({group}) to divide K ({k}) and be a multiple of 16")
     x = x.contiguous()
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
-    bm, bn, bk, split, warps, stages = _config(m, n, k, group, sms)
+    bm, bn, bk, split, warps, stages = config or _config(m, n, k, group, sms)
     y = torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1 else torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (-(-m // bm), -(-n // bn), split)
     _kernel[grid](x, qweight, scales, zeros if zeros is not None else scales, y, m, n, k, x.stride(0), y.stride(0),
