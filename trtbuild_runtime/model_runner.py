@@ -177,10 +177,14 @@ class ModelRunner:
         return torch.as_tensor(values, dtype=dtype).to(self.device)
 
     def _block_tables(self, seqs, rows: int | None = None) -> np.ndarray:
-        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table for s in seqs]
+        width = max(map(len, tables))
         table = np.zeros((rows or len(seqs), width), dtype=np.int32)
-        for i, s in enumerate(seqs):
-            table[i, : len(s.block_table)] = s.block_table
+        if all(len(t) == width for t in tables):  # the common decode step: one conversion, not one per row
+            table[: len(tables)] = tables
+            return table
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = t
         return table
 
     def _slots(self, seq, start: int, end: int) -> list[int]:
@@ -233,11 +237,15 @@ class ModelRunner:
         page = self.page
         if not batch.is_prefill and not batch.drafts:
             seqs = batch.seqs
-            for i, s in enumerate(seqs):
-                p = len(s.tokens) - 1
-                ids[i], positions[i], lens[i] = s.tokens[-1], p, p + 1
-                slots[i] = s.block_table[p // page] * page + p % page
-            return ids, positions, slots, lens, self._block_tables(seqs, rows)
+            n = len(seqs)
+            tokens = [s.tokens for s in seqs]
+            last = np.fromiter(map(len, tokens), dtype=np.int64, count=n) - 1
+            ids[:n] = [t[-1] for t in tokens]
+            positions[:n] = last
+            lens[:n] = last + 1
+            tables = self._block_tables(seqs, rows)
+            slots[:n] = tables[np.arange(n), last // page].astype(np.int64) * page + last % page
+            return ids, positions, slots, lens, tables
         owners = []
         r = 0
         for s, start, tokens in self._row_entries(batch):
