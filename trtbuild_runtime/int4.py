@@ -102,18 +102,17 @@ def _build_kernel():
             offs_w = kt * (BK // 8) + tl.arange(0, BK // 8)
             q = tl.load(QW + offs_w[:, None] * N + offs_n[None, :], mask=n_ok[None, :], other=0)
             codes = tl.reshape((q[:, None, :] >> shifts[None, :, None]) & 0xF, (BK, BN))
-            # code -> float without an int-to-float conversion (a quarter-rate instruction): the bits of 2^23 + code
-            w = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            part = tl.dot(x, w.to(x.dtype))  # x @ codes, exact codes, fp32 accumulation
-            # the tile lies in one group: zero point and scale apply once per column, after the dot
-            g = (kt * BK) // GROUP
+            # code - 8 (or - zero) as float without an int-to-float conversion (a quarter-rate instruction): the
+            # bits of 2^23 + code are that float, and one subtraction removes 2^23 and the zero point together
+            g = (kt * BK) // GROUP  # the tile lies in one group
             s = tl.load(S + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            xsum = tl.sum(x.to(tl.float32), axis=1)
+            magic = (codes | 0x4B000000).to(tl.float32, bitcast=True)
             if HAS_ZEROS:
                 z = tl.load(Z + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-                acc += (part - xsum[:, None] * z[None, :]) * s[None, :]
+                w = (magic - (8388608.0 + z[None, :])) * s[None, :]
             else:
-                acc += (part - 8.0 * xsum[:, None]) * s[None, :]
+                w = (magic - 8388616.0) * s[None, :]
+            acc = tl.dot(x, w.to(x.dtype), acc)
         ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
         if SPLIT_K == 1:
@@ -128,13 +127,16 @@ def _config(m: int, n: int, k: int, group: int, sms: int) -> tuple[int, int, int
     """(BM, BN, BK, SPLIT_K, num_warps, num_stages) for an M x N x K W4A16 GEMM."""
     if m <= 64:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        bn, bk = 128, min(128, group)
-        tiles = -(-m // bm) * -(-n // bn)
-        # run 1 (H100, M=1): split 8 for the narrow GEMMs (qkv, o, down: 32-48 column tiles), 4 for gate_up (224)
-        split = min(k // bk, 8 if tiles < sms // 2 else 4 if tiles < 2 * sms else 2 if tiles < 4 * sms else 1)
+        bk = min(128, group)
+        tiles = -(-m // bm) * -(-n // 128)
+        # H100, M=1, runs 1-2 (bench/results/2026-12-05-h100-engine8b*.json, int4_gemm tactics): the narrow GEMMs
+        # (o, down, qkv: 32-48 tiles of 128 columns) do best with 256-column tiles and K split 8 ways; gate_up
+        # (224 tiles) with 128 columns and K split 4 ways
+        bn, split, warps, stages = (256, 8, 8, 3) if tiles < sms // 2 else (128, 4 if tiles < 2 * sms else 2 if tiles < 4 * sms else 1, 4, 4)
+        split = min(split, k // bk)
         while split > 1 and (k // bk) % split:
             split -= 1
-        return bm, bn, bk, split, 4, 4
+        return bm, bn, bk, split, warps, stages
     return 64, 128, min(64, group), 1, 4, 3
 
 
