@@ -125,19 +125,25 @@ def _build_kernel():
 
 def _config(m: int, n: int, k: int, group: int, sms: int) -> tuple[int, int, int, int, int, int]:
     """(BM, BN, BK, SPLIT_K, num_warps, num_stages) for an M x N x K W4A16 GEMM."""
-    if m <= 64:
-        bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        bk = min(128, group)
-        tiles = -(-m // bm) * -(-n // 128)
-        # H100, M=1, runs 1-2 (bench/results/2026-12-05-h100-engine8b*.json, int4_gemm tactics): the narrow GEMMs
+    bk = min(128, group)
+    if m <= 16:
+        tiles = -(-n // 128)
+        # H100, M=1, runs 1-3 (bench/results/2026-12-05-h100-engine8b*.json, int4_gemm tactics): the narrow GEMMs
         # (o, down, qkv: 32-48 tiles of 128 columns) do best with 256-column tiles and K split 8 ways; gate_up
         # (224 tiles) with 128 columns and K split 4 ways
         bn, split, warps, stages = (256, 8, 8, 3) if tiles < sms // 2 else (128, 4 if tiles < 2 * sms else 2 if tiles < 4 * sms else 1, 4, 4)
-        split = min(split, k // bk)
-        while split > 1 and (k // bk) % split:
-            split -= 1
-        return bm, bn, bk, split, warps, stages
-    return 64, 128, min(64, group), 1, 4, 3
+        bm = 16
+    elif m <= 64:  # run 1's tactics (64 streams: 4,905 tok/s; run 3's 16-row tactics at 64 rows: 3,662)
+        bm = 32 if m <= 32 else 64
+        bn, warps, stages = 64, 4, 4
+        tiles = -(-m // bm) * -(-n // bn)
+        split = max(1, min((k // bk) // 4, -(-2 * sms // tiles)))
+    else:
+        return 64, 128, min(64, group), 1, 4, 3
+    split = min(split, k // bk)
+    while split > 1 and (k // bk) % split:
+        split -= 1
+    return bm, bn, bk, split, warps, stages
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
