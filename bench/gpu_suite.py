@@ -18,7 +18,10 @@ killed at its time limit keeps what it measured):
   smollm2      with --smollm2 DIR (the trained model): prompt-lookup speculation at 1 stream and the
                perplexity of each quantized mode (bench/speculative.py, bench/quantized.py);
   hf_compiled  `generate` with cache_implementation="static" (torch.compile), the stronger
-               baseline; last, because compiling costs minutes.
+               baseline; last, because compiling costs minutes;
+  engine8b     a Llama-3.1-8B-shaped checkpoint (random weights, built on the GPU) through the engine
+               in BF16 / FP8 / FP8 + FP8 KV / INT4 at 1 stream and maximum load (bench/engine8b.py,
+               engine8b.json); `--stages engine8b` alone needs nothing carried.
 Every row carries its fraction of the physical bound: bytes a decode step must read (weights +
 KV of the live context) over the HBM bandwidth. `--quick` runs a 3-minute subset.
 `--preset tiny --device cpu` runs every stage on a CPU (tests/test_gpu_suite.py).
@@ -622,6 +625,12 @@ def main(argv: list[str] | None = None) -> dict:
                          "'' is the plain build")
     ap.add_argument("--prefix-lens", default="1024", help="shared system prompt lengths for the prefix stage")
     ap.add_argument("--smollm2", type=Path, help="a SmolLM2 checkpoint directory for the smollm2 stage")
+    ap.add_argument("--engine8b-shape", default="8b", help="engine8b: the Llama-3.1-8B shape (tiny: a CPU smoke run)")
+    ap.add_argument("--engine8b-modes", default="bf16,fp8,int4_awq,fp8+kv-fp8,int4_gptq", help="engine8b: modes, in order (bench/engine8b.py MODES)")
+    ap.add_argument("--engine8b-concurrency", default="1,64,1024", help="engine8b: loads; the last is the maximum load")
+    ap.add_argument("--engine8b-int4-concurrency", default="1,64", help="engine8b: loads of the int4 modes")
+    ap.add_argument("--engine8b-profile", default="bf16,fp8", help="engine8b: modes whose decode step is profiled at 1 and max load")
+    ap.add_argument("--engine8b-agreement", type=int, default=16, help="engine8b: prompts for the teacher-forced agreement (0: skip)")
     args = ap.parse_args(argv)
     if args.quick:
         args.static_batches, args.concurrency, args.triton_concurrency = "1,64", "1,64,256", "64"
@@ -629,6 +638,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")
+    if stages == ["engine8b"]:  # alone: no 1.07B checkpoint, no tokenizer
+        from bench import engine8b
+
+        return engine8b.run(args, out)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     concurrencies = ints(args.concurrency)
     in_len, out_len = args.input_len, args.output_len
@@ -713,6 +726,13 @@ def main(argv: list[str] | None = None) -> dict:
     if suite.rows:
         plot(suite.rows, out)
     print_table(report)
+    if "engine8b" in stages:
+        from bench import engine8b
+
+        if hf is not None:
+            del hf
+            gc.collect()
+        report["engine8b"] = engine8b.run(args, out)
     return report
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-QUANTIZATIONS = ("none", "fp8")
+QUANTIZATIONS = ("none", "fp8", "int4_wo", "int4_awq", "int4_gptq")  # int4_*: W4A16, trtbuild_runtime/int4.py
 KV_CACHE_DTYPES = ("auto", "fp8")
 SPECULATIVE_MODES = ("none", "ngram")
 FP8_GEMMS = ("rowwise", "rowwise_fast_accum", "tensorwise")  # quantization.Fp8Linear's tactics
@@ -32,7 +32,9 @@ class EngineConfig:
     enable_kv_cache_reuse: bool = False
     enforce_eager: bool = False  # no CUDA graphs
     seed: int = 0
-    quantization: str = "none"  # weights and activations: none, fp8 (e4m3, per-channel weight, per-token activation scales)
+    quantization: str = "none"  # none, fp8 (e4m3 W8A8: per-channel weight, per-token activation scales), int4_wo (W4A16
+    # round-to-nearest at load), int4_awq / int4_gptq (W4A16 from a ModelOpt int4_awq or an HF GPTQ checkpoint, which set it)
+    block_size: int = 128  # INT4 group size for int4_wo (trtbuild quantize --block-size); INT4 checkpoints carry their own
     fp8_gemm: str = "rowwise"  # FP8 GEMM tactic: rowwise (scales in the GEMM), rowwise_fast_accum, tensorwise (an epilogue)
     kv_cache_dtype: str = "auto"  # auto (the model dtype), fp8 (e4m3 pages, one scale per layer)
     speculative_decoding_mode: str = "none"  # none, ngram (prompt lookup)
@@ -53,6 +55,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.speculative_decoding_mode != "none" and not 1 <= self.max_draft_len <= 16:
             raise ValueError(f"max_draft_len must be in [1, 16], got {self.max_draft_len}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size (the INT4 group size) must be a power of two >= 16, got {self.block_size}")
         if not 0.0 < self.kv_cache_free_gpu_mem_fraction <= 1.0:
             raise ValueError(f"kv_cache_free_gpu_mem_fraction must be in (0, 1], got {self.kv_cache_free_gpu_mem_fraction}")
         # a whole prompt of max_seq_len must fit in one step's budget or be chunked: both work,
@@ -91,14 +95,24 @@ def read_hf_config(model: str | Path) -> dict:
 
 
 def checkpoint_quantization(config: dict) -> str:
-    """'fp8' for a ModelOpt FP8 checkpoint (`trtbuild quantize --precision fp8 --format hf`), else 'none'."""
+    """'fp8' for a ModelOpt FP8 checkpoint (`trtbuild quantize --precision fp8 --format hf`), 'int4_awq' for a
+    ModelOpt W4A16_AWQ one (`--precision int4_awq --format hf`), 'int4_gptq' for an HF GPTQ (4-bit, grouped) one, else 'none'."""
+    from trtbuild_runtime.int4 import checkpoint_int4
+
     q = config.get("quantization_config")
     if not q:
         return "none"
     method, algo = q.get("quant_method", "?"), q.get("quant_algo")
     if method == "modelopt" and algo == "FP8":
         return "fp8"
-    raise UnsupportedModel(f"a pre-quantized checkpoint (quantization_config {method} {algo or ''}; the engine runs ModelOpt FP8)")
+    try:
+        int4 = checkpoint_int4(config)
+    except ValueError as e:
+        raise UnsupportedModel(str(e)) from e
+    if int4:
+        return int4[0]
+    raise UnsupportedModel(f"a pre-quantized checkpoint (quantization_config {method} {algo or ''}; the engine runs ModelOpt FP8, "
+                           "ModelOpt W4A16_AWQ and 4-bit GPTQ)")
 
 
 def check_supported(model: str | Path, max_seq_len: int | None = None) -> dict:

@@ -27,7 +27,7 @@ from trtbuild_runtime.speculative import PromptLookup, SpeculativeStats, accept
 log = logging.getLogger("trtbuild_runtime")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class RequestOutput:
     request_id: str
     generated_tokens: list[int]  # every token generated so far
@@ -105,6 +105,14 @@ class LLMEngine:
                 outputs.append(self._finish(seq, FinishReason.ERROR))
             return outputs
         outputs = []
+        if not batch.drafts:  # one token per sequence: the loop every decode step at full load runs, kept short
+            output, finish = self._output, self._finish
+            for row, seq in enumerate(sampling):
+                seq.append(tokens[row], logprobs[row] if logprobs is not None and seq.params.logprobs else None)
+                reason = seq.check_finished()
+                outputs.append(finish(seq, reason) if reason else output(seq))
+            self.scheduler.finish_step(batch)
+            return outputs
         row = 0
         for i, seq in enumerate(sampling):
             draft = batch.drafts[i] if batch.drafts else ()

@@ -57,6 +57,9 @@ def resolve_quantization(requested: str, hf_config: dict, device: torch.device) 
     quantization = stored if requested == "none" else requested
     if stored != "none" and quantization != stored:
         raise ValueError(f"the checkpoint is quantized {stored}; it cannot run as {quantization}")
+    if quantization in ("int4_awq", "int4_gptq") and stored == "none":
+        raise ValueError(f"{quantization} runs a pre-quantized checkpoint (trtbuild quantize --precision {quantization} --format hf); "
+                         "int4_wo quantizes a 16-bit one at load")
     if quantization == "fp8" and not _fp8_capable(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(f"FP8 needs compute capability 8.9 or later; {torch.cuda.get_device_name(device)} is {major}.{minor}")
@@ -96,7 +99,8 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.quantization = resolve_quantization(config.quantization, hf_config, self.device)
         self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, hf_config, self.dtype, self.device)
-        self.model = load_model(config.model, self.dtype, self.device, config.max_seq_len, self.quantization, config.fp8_gemm)
+        self.model = load_model(config.model, self.dtype, self.device, config.max_seq_len, self.quantization, config.fp8_gemm,
+                                config.block_size)
         self.vocab_size = self.model.vocab_size
         first = self.model.layers[0].attn
         self.kv_heads, self.head_dim, self.num_layers = first.kv_heads, first.head_dim, len(self.model.layers)
@@ -167,10 +171,14 @@ class ModelRunner:
         return torch.as_tensor(values, dtype=dtype).to(self.device)
 
     def _block_tables(self, seqs, rows: int | None = None) -> np.ndarray:
-        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table for s in seqs]
+        width = max(map(len, tables))
         table = np.zeros((rows or len(seqs), width), dtype=np.int32)
-        for i, s in enumerate(seqs):
-            table[i, : len(s.block_table)] = s.block_table
+        if all(len(t) == width for t in tables):  # the common decode step: one conversion, not one per row
+            table[: len(tables)] = tables
+            return table
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = t
         return table
 
     def _slots(self, seq, start: int, end: int) -> list[int]:
@@ -223,11 +231,15 @@ class ModelRunner:
         page = self.page
         if not batch.is_prefill and not batch.drafts:
             seqs = batch.seqs
-            for i, s in enumerate(seqs):
-                p = len(s.tokens) - 1
-                ids[i], positions[i], lens[i] = s.tokens[-1], p, p + 1
-                slots[i] = s.block_table[p // page] * page + p % page
-            return ids, positions, slots, lens, self._block_tables(seqs, rows)
+            n = len(seqs)
+            tokens = [s.tokens for s in seqs]
+            last = np.fromiter(map(len, tokens), dtype=np.int64, count=n) - 1
+            ids[:n] = [t[-1] for t in tokens]
+            positions[:n] = last
+            lens[:n] = last + 1
+            tables = self._block_tables(seqs, rows)
+            slots[:n] = tables[np.arange(n), last // page].astype(np.int64) * page + last % page
+            return ids, positions, slots, lens, tables
         owners = []
         r = 0
         for s, start, tokens in self._row_entries(batch):

@@ -179,39 +179,102 @@ def _target(model: LlamaForCausalLM, name: str):
 
 
 SCALE_SUFFIXES = (".weight_scale", ".input_scale", ".k_scale", ".v_scale")
+INT4_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".weight_scale", ".pre_quant_scale")
+# merged module -> the checkpoint projections it holds, in row order
+MERGED = {("attn", "qkv"): ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("attn", "o"): ("self_attn.o_proj",),
+          ("mlp", "gate_up"): ("mlp.gate_proj", "mlp.up_proj"), ("mlp", "down"): ("mlp.down_proj",)}
+
+
+class _Int4Slot(nn.Module):
+    """Where an INT4 layer will go: holds only the bias, so the 16-bit weight is never allocated."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if linear.bias is None else nn.Parameter(torch.empty_like(linear.bias))
+
+
+def _int4_layer(parts: list[dict], method: str, group: int, dtype: torch.dtype, device: torch.device, v2: bool, name: str):
+    """One Int4Linear from the checkpoint tensors of the projections it merges (concatenated along N)."""
+    from trtbuild_runtime import int4
+
+    converted = []
+    for t in parts:
+        t = {k: v.to(device) for k, v in t.items()}
+        if method == "int4_awq":
+            if "weight_scale" not in t or t["weight"].dtype not in (torch.uint8, torch.int8):
+                raise ValueError(f"{name}: a W4A16_AWQ layer needs a packed uint8 weight and weight_scale")
+            qw, sc, pre = int4.from_modelopt(t["weight"], t["weight_scale"], group, dtype, t.get("pre_quant_scale"))
+            converted.append((qw, sc, None, None, pre))
+            group = qw.shape[0] * 8 // sc.shape[0]
+        else:
+            missing = {"qweight", "qzeros", "scales"} - set(t)
+            if missing:
+                raise ValueError(f"{name}: a GPTQ layer needs {', '.join(sorted(missing))}")
+            qw, sc, zeros, perm = int4.from_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"), group, dtype, v2)
+            converted.append((qw, sc, zeros, perm, None))
+            group = qw.shape[0] * 8 // sc.shape[0]
+    perms, pres = [c[3] for c in converted], [c[4] for c in converted]
+    for what, values in (("act-order permutation (g_idx)", perms), ("AWQ pre_quant_scale", pres)):
+        first = values[0]
+        if any((v is None) != (first is None) or (v is not None and not torch.equal(v, first)) for v in values[1:]):
+            raise ValueError(f"{name}: the merged projections have different {what}s; the engine merges them into one GEMM")
+    zeros = None
+    if any(c[2] is not None for c in converted):
+        zeros = torch.cat([c[2] if c[2] is not None else torch.full_like(c[1], 8) for c in converted], dim=1)
+    return int4.Int4Linear(torch.cat([c[0] for c in converted], dim=1), torch.cat([c[1] for c in converted], dim=1), zeros,
+                           group, perm=perms[0], pre_scale=pres[0])
 
 
 def load_model(checkpoint: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
-               quantization: str = "none", fp8_gemm: str = "rowwise") -> LlamaForCausalLM:
+               quantization: str = "none", fp8_gemm: str = "rowwise", block_size: int = 128) -> LlamaForCausalLM:
     """Build the network without allocating twice and fill it straight from the safetensors files.
 
     A ModelOpt FP8 checkpoint's e4m3 weights are dequantized into the merged 16-bit matrices and
     re-quantized onto the same grid by `quantize_fp8` (their per-tensor scales become per-channel
     ones); its calibrated KV scales (`k_proj.k_scale`, `v_proj.v_scale`) land on each layer's attention.
+    An INT4 checkpoint (ModelOpt W4A16_AWQ, HF GPTQ) keeps its 4-bit codes: each merged projection
+    becomes one `int4.Int4Linear`, and no 16-bit copy of those weights is ever made. `int4_wo`
+    quantizes a 16-bit checkpoint at load (round-to-nearest, groups of `block_size`).
     """
     from safetensors import safe_open
     from transformers import AutoConfig
 
+    from trtbuild_runtime.int4 import Int4Linear, checkpoint_int4
     from trtbuild_runtime.quantization import quantize_fp8
 
     checkpoint = Path(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
+    int4 = checkpoint_int4(config)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    if int4:
+        for layer in model.layers:
+            for (owner, attr) in MERGED:
+                module = getattr(layer, owner)
+                setattr(module, attr, _Int4Slot(getattr(module, attr)))
     model = model.to_empty(device=device).to(dtype)
     expected = {id(p): n for n, p in model.named_parameters()}
     filled: set[int] = set()
     files = sorted(checkpoint.glob("*.safetensors"))
     scales: dict[str, torch.Tensor] = {}
+    quantized: dict[str, dict[str, torch.Tensor]] = {}  # INT4: projection prefix -> its tensors
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            scales.update({name: f.get_tensor(name) for name in f.keys() if name.endswith(SCALE_SUFFIXES)})
+            scales.update({name: f.get_tensor(name) for name in f.keys() if name.endswith(SCALE_SUFFIXES) and not int4})
     channel_scales: dict[int, torch.Tensor] = {}  # id(16-bit weight) -> per-row scale of its e4m3 source
     with torch.no_grad():
         for file in files:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
+                    if int4 and ".layers." in name and any(f".{p}." in name for ps in MERGED.values() for p in ps):
+                        prefix, leaf = name.rsplit(".", 1)
+                        if leaf != "bias":
+                            quantized.setdefault(prefix, {})[leaf] = f.get_tensor(name)
+                            continue
                     if name.endswith(SCALE_SUFFIXES):
+                        if int4 and name.endswith((".k_scale", ".v_scale")):
+                            scales[name] = f.get_tensor(name)
                         continue
                     param, part = _target(model, name)
                     if param is None:
@@ -229,6 +292,21 @@ def load_model(checkpoint: str | Path, dtype: torch.dtype, device: torch.device,
                         rows[part if part is not None else slice(None)] = scale.float().expand(tensor.shape[0])
                     target.copy_(tensor)
                     filled.add(id(param))
+        if int4:
+            method, group, details = int4
+            for i, layer in enumerate(model.layers):
+                for (owner, attr), projections in MERGED.items():
+                    module = getattr(layer, owner)
+                    slot = getattr(module, attr)
+                    names = [f"model.layers.{i}.{p}" for p in projections]
+                    absent = [n for n in names if n not in quantized]
+                    if absent:
+                        raise ValueError(f"{checkpoint}: {absent[0]} is not quantized in this {method} checkpoint "
+                                         "(the engine runs every decoder projection in INT4)")
+                    layer4 = _int4_layer([quantized.pop(n) for n in names], method, group, dtype, device,
+                                         details.get("v2", False), names[0])
+                    layer4.bias = slot.bias
+                    setattr(module, attr, layer4)
     missing = [n for i, n in expected.items() if i not in filled]
     if missing:
         raise ValueError(f"{checkpoint}: the safetensors files lack {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
@@ -241,4 +319,12 @@ def load_model(checkpoint: str | Path, dtype: torch.dtype, device: torch.device,
         raise ValueError(f"{checkpoint} holds FP8 weights: run it with quantization fp8")
     if quantization == "fp8":
         quantize_fp8(model, {i: s.to(device) for i, s in channel_scales.items()}, fp8_gemm)
+    if quantization == "int4_wo" and not int4:
+        with torch.no_grad():
+            for layer in model.layers:
+                for (owner, attr) in MERGED:
+                    module = getattr(layer, owner)
+                    linear = getattr(module, attr)
+                    setattr(module, attr, Int4Linear.from_weight(linear.weight.detach(), block_size, linear.bias))
+                    del linear
     return model.eval()
