@@ -15,13 +15,9 @@ twice that for FP8 GEMMs), and the published TensorRT-LLM figure where one exist
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
-import math
-import os
 import shutil
-import statistics
 import time
 from pathlib import Path
 

@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from bench import quantized  # noqa: E402
 
@@ -35,7 +33,7 @@ def gptq_checkpoint(source: Path, out: Path, calib_size: int, calib_max_len: int
     import transformers
     from modelopt.torch.export import export_hf_checkpoint
 
-    from builder.quantize import DEFAULT_CALIBRATION
+    from trtbuild.build.quantize import DEFAULT_CALIBRATION
 
     tok = transformers.AutoTokenizer.from_pretrained(source)
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
@@ -68,8 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-max-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=4096)
     a = ap.parse_args(argv)
-    from builder.checkpoint import write_demo_checkpoint
-    from builder.quantize import QuantizeOptions, Tolerance, quantize
+    from trtbuild.checkpoint import write_demo_checkpoint
+    from trtbuild.build.quantize import QuantizeOptions, Tolerance, quantize
 
     work = Path(tempfile.mkdtemp())
     smollm2 = write_demo_checkpoint(work / "smollm2", "smollm2")

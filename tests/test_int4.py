@@ -3,13 +3,10 @@ layouts, the engine loading them, and the Triton dequantizing GEMM under Triton'
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import run_under_triton_interpreter  # noqa: E402
 from trtbuild_runtime import int4
@@ -93,7 +90,7 @@ def test_engine_loads_int4_checkpoints_like_int4_wo(method, tiny_checkpoint, tmp
 def test_int4_awq_from_modelopt_export(tiny_checkpoint, tmp_path):
     """`trtbuild quantize --precision int4_awq --format hf` (ModelOpt AWQ calibration) runs in the engine, near its 16-bit model."""
     pytest.importorskip("modelopt")
-    from builder.quantize import QuantizeOptions, Tolerance, quantize
+    from trtbuild.build.quantize import QuantizeOptions, Tolerance, quantize
     from trtbuild_runtime import EngineConfig, LLMEngine
 
     out = tmp_path / "awq"

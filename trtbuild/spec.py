@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trtbuild.errors import TrtbuildError
-from trtbuild_runtime.config import ENGINE_DEFAULTS, SPECULATIVE_MODES
+from trtbuild_runtime.config import ENGINE_DEFAULTS, QUANTIZATIONS, SPECULATIVE_MODES
 from trtbuild.repository.serving import ServingPolicy
 
 Runtime = Literal["transformers", "tensorrtllm", "llmapi", "onnxruntime", "onnxruntime-python", "tensorrt"]
@@ -237,9 +237,9 @@ class BuildSpec:
             raise TrtbuildError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.runtime == "transformers" and self.max_beam_width != 1:
             raise TrtbuildError("the transformers runtime does not support beam search", hint="use --max-beam-width 1")
-        if self.runtime == "transformers" and self.quantization not in ("none", "fp8"):
+        if self.runtime == "transformers" and self.quantization not in QUANTIZATIONS:
             raise TrtbuildError(f"--quantization {self.quantization} is not available on the transformers runtime",
-                                hint="use none or fp8 here; other formats go through `trtbuild engine`")
+                                hint=f"use {', '.join(QUANTIZATIONS)} here; other formats go through `trtbuild engine`")
         if not 0.0 < self.kv_cache.free_gpu_mem_fraction <= 1.0:
             raise TrtbuildError("--kv-cache-free-gpu-mem-fraction must be in (0, 1]")
         positive("kv_cache_page_size", self.kv_cache.page_size)
@@ -287,6 +287,7 @@ def choose_llm_engine(spec: BuildSpec) -> EngineChoice:
     from trtbuild_runtime.config import UnsupportedModel, check_supported
 
     needs = [name for name, on in (("--kv-cache-dtype fp8", spec.kv_cache.dtype == "fp8"),
+                                   (f"--quantization {spec.quantization}", spec.quantization.startswith("int4")),
                                    ("--speculative-decoding-mode " + spec.speculative_decoding_mode,
                                     spec.speculative_decoding_mode != "none")) if on]
     if spec.llm_engine == "transformers":
