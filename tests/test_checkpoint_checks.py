@@ -76,3 +76,14 @@ def test_an_intact_checkpoint_passes(tiny_checkpoint):
 
     spec = load_model_spec(tiny_checkpoint)
     check_against_config(tiny_checkpoint, spec.vocab_size, spec.hidden_size)
+
+
+def test_a_kv_pool_that_cannot_fit_this_cpu_is_refused_when_the_repository_is_generated(tiny_checkpoint, tmp_path):
+    out = tmp_path / "repo"
+    result = CliRunner().invoke(main, ["repo", str(tiny_checkpoint), "--out", str(out), "--device", "cpu",
+                                       "--max-batch-size", "100000"])
+    assert result.exit_code == 2 and "--max-batch-size 100000" in result.output, result.output
+    assert "the KV cache needs 2,400,000 blocks of 32 tokens" in result.output and "GiB RAM available" in result.output
+    assert not out.exists()
+    fits = CliRunner().invoke(main, ["repo", str(tiny_checkpoint), "--out", str(out), "--device", "cpu", "--max-batch-size", "64"])
+    assert fits.exit_code == 0, fits.output
