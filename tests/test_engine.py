@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -420,6 +422,31 @@ def test_build_refuses_a_missing_local_trtllm_build_before_writing(tiny_checkpoi
     with pytest.raises(TrtbuildError, match="trtllm-build is not on PATH"):
         build_engine(p, converter=lambda step, out: pytest.fail("must not convert"))
     assert not p.out.exists()
+
+
+def _fake_docker(tmp_path, monkeypatch, script: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    docker = bin_dir / "docker"
+    docker.write_text("#!/bin/sh\n" + script)
+    docker.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("script, message", [
+    ('echo "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?" >&2; exit 1',
+     "the Docker daemon is not reachable (Cannot connect to the Docker daemon"),
+    ('echo \'{"runc":{"path":"runc"}}\'', "Docker has no NVIDIA runtime"),
+])
+def test_an_unusable_docker_runner_is_refused_before_quantizing(tiny_checkpoint, tmp_path, monkeypatch, script, message):
+    _fake_docker(tmp_path, monkeypatch, script)
+    out = tmp_path / "engines" / "tiny"
+    code, text = run_cli("engine", tiny_checkpoint, "--precision", "fp8", "--out", out, "--runner", "docker")
+    assert code == 2 and message in text and "Traceback" not in text, text
+    assert not out.exists() and not out.parent.exists()
+    p = plan(tiny_checkpoint, tmp_path, precision="fp8")
+    with pytest.raises(TrtbuildError, match=re.escape(message)):
+        build_engine(p, converter=lambda step, output: pytest.fail("quantized before checking the runner"))
 
 
 def test_build_refuses_a_non_empty_out(tiny_checkpoint, tmp_path):

@@ -45,11 +45,11 @@ def test_every_value_comes_from_the_spec(tiny_spec):
 def test_ensemble_matches_nvidias_tensor_interface(tiny_spec):
     ensemble = {m.plan.name: m.config for m in render(plan_llm_repository(tiny_spec))}["ensemble"]
     inputs = {t.name: t for t in ensemble.input}
-    assert not inputs["text_input"].optional
-    # max_tokens is required but declared optional (the one deviation): Triton 2.51 answers a
-    # decoupled ensemble's missing required input with an empty stream; the LLM step refuses it
-    # by name instead (tests/test_serving.py::test_a_missing_max_tokens_is_an_error_on_every_path)
-    assert inputs["max_tokens"].optional
+    # text_input and max_tokens are required but declared optional (the deviations): Triton 2.51
+    # answers a decoupled ensemble's missing required input with an empty stream; the text model
+    # refuses each by name instead (tests/test_serving.py::test_a_missing_max_tokens_is_an_error_on_every_path,
+    # tests/test_bad_input_served.py)
+    assert inputs["text_input"].optional and inputs["max_tokens"].optional
     as_json = {n: json_format.MessageToDict(t) for n, t in inputs.items()}
     assert as_json["text_input"]["dataType"] == "TYPE_STRING"
     assert as_json["max_tokens"]["dataType"] == "TYPE_INT32"

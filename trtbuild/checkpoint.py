@@ -9,6 +9,7 @@ Two demo checkpoints need no download:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -38,7 +39,58 @@ def load_model_spec(checkpoint: Path, *, need_weights: bool = True, need_tokeniz
         raise TrtbuildError(f"{checkpoint} has no weights (*.safetensors or pytorch_model.bin)")
     if need_tokenizer:
         check_tokenizer(checkpoint)
+    check_against_config(checkpoint, spec.vocab_size, spec.hidden_size)
     return spec
+
+
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+def safetensors_header(path: Path) -> dict:
+    """The tensor table of a safetensors file (its first 8 + N bytes), checked against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise TrtbuildError(f"{path} is not a complete safetensors file (header length {n}, file {size} bytes)",
+                                hint="copy or download the file again")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TrtbuildError(f"{path}: the safetensors header does not parse ({e})", hint="copy or download the file again") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    if size < 8 + n + end:
+        raise TrtbuildError(f"{path} is cut short: its header describes {8 + n + end:,} bytes, the file has {size:,}",
+                            hint="copy or download the file again")
+    return tensors
+
+
+def check_against_config(checkpoint: Path, vocab_size: int, hidden_size: int) -> None:
+    """Every safetensors file whole, the embedding [vocab_size, hidden_size] as config.json says, and no
+    token id of the tokenizer outside the vocabulary: before any command spends time on the checkpoint."""
+    checkpoint = Path(checkpoint)
+    config = checkpoint / "config.json"
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        for name, tensor in safetensors_header(path).items():
+            if name.endswith(EMBEDDING_NAMES) and list(tensor["shape"]) != [vocab_size, hidden_size]:
+                raise TrtbuildError(f"{config}: vocab_size {vocab_size} and hidden_size {hidden_size} disagree with "
+                                    f"{name} {list(tensor['shape'])} in {path.name}",
+                                    hint="fix config.json (or use the weights it belongs to)")
+    tokenizer = checkpoint / "tokenizer.json"
+    if tokenizer.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            vocab = Tokenizer.from_file(str(tokenizer)).get_vocab(with_added_tokens=True)
+        except Exception as e:  # noqa: BLE001  tokenizers raises its own exception type
+            raise TrtbuildError(f"{tokenizer} does not load: {str(e).splitlines()[0]}") from None
+        largest = max(vocab.values(), default=-1)
+        if largest >= vocab_size:
+            raise TrtbuildError(f"{tokenizer}: token id {largest} ('{next(k for k, v in vocab.items() if v == largest)}') is outside "
+                                f"vocab_size {vocab_size} of {config}",
+                                hint="the tokenizer belongs to another model, or vocab_size is wrong")
 
 
 def check_tokenizer(directory: Path) -> None:

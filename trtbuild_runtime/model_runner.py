@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 
 import numpy as np
 import torch
 
 from trtbuild_runtime import attention
 from trtbuild_runtime.config import EngineConfig, checkpoint_quantization, resolve_device
+from trtbuild_runtime.memory import OutOfMemory, check_cpu_pool, kv_block_bytes
 from trtbuild_runtime.models import load_model
 from trtbuild_runtime.sampler import SamplingTensors, sample
 from trtbuild_runtime.scheduler import Batch
@@ -30,10 +30,6 @@ from trtbuild_runtime.scheduler import Batch
 log = logging.getLogger("trtbuild_runtime")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class OutOfMemory(ValueError):
-    """The KV pool the configuration asks for does not fit the device; the message has the numbers."""
 
 
 def resolve_dtype(dtype: str, hf_config: dict, device: torch.device) -> torch.dtype:
@@ -75,14 +71,6 @@ def resolve_kv_dtype(requested: str, hf_config: dict, dtype: torch.dtype, device
     return torch.float8_e4m3fn if fp8 else dtype
 
 
-def available_ram() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
 MIN_GRAPH_ROWS = 128  # a small engine still replays a graph for a 128-token prompt step
 
 
@@ -120,7 +108,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ memory
     @property
     def block_bytes(self) -> int:
-        return 2 * self.num_layers * self.page * self.kv_heads * self.head_dim * self.kv_dtype.itemsize
+        return kv_block_bytes(self.num_layers, self.page, self.kv_heads, self.head_dim, self.kv_dtype.itemsize)
 
     def _size_pool(self) -> int:
         c = self.config
@@ -136,8 +124,11 @@ class ModelRunner:
         else:
             if wanted is None:
                 wanted = c.max_batch_size * c.max_blocks_per_seq
-            fits = int(available_ram() * 0.8) // self.block_bytes
-            where = f"{available_ram() / 2**30:.1f} GiB RAM available (80% usable)"
+            try:
+                fits = check_cpu_pool(wanted, self.block_bytes, self.page)
+            except OutOfMemory as e:
+                raise OutOfMemory(f"{e}: lower max_batch_size or max_input_len + max_output_len") from None
+            where = "RAM"
         if wanted > fits:
             raise OutOfMemory(f"the KV cache needs {wanted} blocks of {self.page} tokens ({wanted * self.block_bytes / 2**30:.2f} GiB) "
                               f"but {where} holds {fits}: lower max_batch_size or max_input_len + max_output_len")

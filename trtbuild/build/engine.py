@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trtbuild.atomic import atomic_output_dir, check_output_dir
-from trtbuild.checkpoint import WEIGHT_GLOBS, check_tokenizer, read_config
+from trtbuild.checkpoint import WEIGHT_GLOBS, check_against_config, check_tokenizer, read_config
 from trtbuild.errors import TrtbuildError, read_json_file
 from trtbuild.precisions import FP8_CAPABILITY, KV_CACHE_DTYPES, PRECISIONS, precision_of_quant_algo
 from trtbuild.spec import ARCHITECTURES, BuildSpec, KVCacheSpec, ModelSpec
@@ -238,6 +238,7 @@ def read_source(path: Path, *, need_weights: bool = True) -> Source:
         )
     if need_weights and not any(any(path.glob(g)) for g in WEIGHT_GLOBS):
         raise TrtbuildError(f"{path} has no weights (*.safetensors or pytorch_model.bin)")
+    check_against_config(path, model.vocab_size, model.hidden_size)
     architecture = model.arch.trtllm_architecture
     if architecture is None:
         raise TrtbuildError(f"{config_path}: model_type '{model.model_type}' has no TensorRT-LLM architecture")
@@ -490,6 +491,30 @@ class Runner:
             docker += ["-v", f"{host}:{inside}" + (":ro" if host in readonly else "")]
         return (*docker, "-w", str(workdir), str(self.image), *argv)
 
+    def check(self) -> None:
+        """The runner can build: trtllm-build on PATH, or a reachable Docker daemon with NVIDIA's runtime."""
+        if self.kind == "local":
+            if not shutil.which(TRTLLM_BUILD):
+                raise TrtbuildError(f"{TRTLLM_BUILD} is not on PATH", hint="use --runner docker to build in the pinned container")
+            return
+        if not shutil.which("docker"):
+            raise TrtbuildError("docker is not on PATH",
+                                hint="install Docker with the NVIDIA container toolkit, or run where trtllm-build is installed")
+        try:
+            info = subprocess.run(["docker", "info", "--format", "{{json .Runtimes}}"], capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            raise TrtbuildError("the Docker daemon did not answer `docker info` within 30 s",
+                                hint="check that dockerd is running (systemctl status docker)") from None
+        if info.returncode != 0:
+            why = (info.stderr or info.stdout).strip().splitlines()
+            raise TrtbuildError(f"the Docker daemon is not reachable ({why[-1] if why else f'docker info exit {info.returncode}'})",
+                                hint="start it (sudo systemctl start docker) or add your user to the docker group; "
+                                     "or run where trtllm-build is installed (--runner local)")
+        if "nvidia" not in info.stdout:
+            raise TrtbuildError("Docker has no NVIDIA runtime, so the build container would see no GPU",
+                                hint="install the NVIDIA Container Toolkit (nvidia-ctk runtime configure --runtime=docker) "
+                                     "and restart Docker")
+
     def versions_command(self) -> tuple[str, ...]:
         probe = ("import importlib.metadata as m, json\n"
                  "v = {}\n"
@@ -731,10 +756,7 @@ def default_converter(step: ConvertStep, output: Path) -> None:
 def build_engine(plan: EnginePlan, *, force: bool = False, converter: Converter | None = None) -> EngineManifest:
     """Run the plan; the engine directory appears only when complete."""
     check_output_dir(plan.out, force, inputs=plan.inputs)
-    if plan.runner.kind == "local" and not shutil.which(TRTLLM_BUILD):
-        raise TrtbuildError(f"{TRTLLM_BUILD} is not on PATH", hint="use --runner docker to build in the pinned container")
-    if plan.runner.kind == "docker" and not shutil.which("docker"):
-        raise TrtbuildError("docker is not on PATH", hint="install Docker with the NVIDIA container toolkit, or run where trtllm-build is installed")
+    plan.runner.check()  # before any work: a quantization that ends in an unusable runner wastes its time
     from trtbuild import __version__
 
     with atomic_output_dir(plan.out, force=force, inputs=plan.inputs) as staging:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from trtbuild.atomic import atomic_output_dir, check_output_dir
-from trtbuild.checkpoint import WEIGHT_GLOBS, read_config
+from trtbuild.checkpoint import WEIGHT_GLOBS, check_against_config, read_config
 from trtbuild.errors import TrtbuildError, read_json_file
 
 EXPORT_MANIFEST = "export.json"
@@ -224,6 +224,8 @@ def inspect_checkpoint(checkpoint: Path, task_name: str) -> CheckpointInfo:
         )
     if not any(any(checkpoint.glob(g)) for g in WEIGHT_GLOBS):
         raise TrtbuildError(f"{checkpoint} has no weights (*.safetensors or pytorch_model.bin)")
+    if config.get("vocab_size") and config.get("hidden_size"):
+        check_against_config(checkpoint, int(config["vocab_size"]), int(config["hidden_size"]))
     from transformers import AutoConfig
 
     try:

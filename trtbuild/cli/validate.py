@@ -142,7 +142,11 @@ def validate_cmd(checkpoint, variants, precisions, gate_precision, corpus, seq_l
 def _online(checkpoint, url, protocol, model, prompts, max_new_tokens, concurrency, log_probs, served_precision,
             overrides) -> VariantResult:
     from trtbuild.quality.accuracy import load_prompts, served_dtype, validate_online
-    from trtbuild.clients.generate import GenerationError
+    from trtbuild.clients.generate import GenerationError, ServerUnavailable
+
+    def unreachable(e: Exception) -> TrtbuildError:
+        return TrtbuildError(f"cannot reach a {protocol} server at {url} ({str(e).splitlines()[0]})",
+                             hint="is the server running? start it with `trtbuild serve REPO`, and check --server and --protocol")
 
     items = load_prompts(prompts, max_tokens=max_new_tokens)
     try:
@@ -150,13 +154,15 @@ def _online(checkpoint, url, protocol, model, prompts, max_new_tokens, concurren
         with console.status("online validation") as status:
             online = validate_online(checkpoint, url, items, protocol=protocol, model=model, log_probs=log_probs,
                                      concurrency=concurrency, progress=status.update)
+    except ServerUnavailable as e:
+        raise unreachable(e) from None
     except GenerationError as e:
         raise TrtbuildError(f"the server refused a request: {e}") from None
     except (ConnectionError, OSError) as e:
-        raise TrtbuildError(f"cannot reach {protocol} server at {url}: {e}") from None
+        raise unreachable(e) from None
     except Exception as e:  # tritonclient / grpc raise their own types when nothing listens
         if type(e).__module__.startswith(("tritonclient", "grpc", "requests")):
-            raise TrtbuildError(f"cannot reach {protocol} server at {url}: {str(e).splitlines()[0]}") from None
+            raise unreachable(e) from None
         raise
     metrics = online.as_metrics()
     return VariantResult(

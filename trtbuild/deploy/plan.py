@@ -29,7 +29,6 @@ Method
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -114,14 +113,11 @@ def sweep_from_bench(data: dict[str, Any], source: str = "<bench>") -> Sweep:
 
 
 def load_sweep(path: Path) -> Sweep:
+    """A `trtbuild bench run` result: its results.json, or the --out folder holding it (as `bench compare` takes)."""
+    from trtbuild.bench.compare import load_result
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrtbuildError(f"{path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise TrtbuildError(f"{path} is not JSON: {e}") from None
-    return sweep_from_bench(data, str(path))
+    return sweep_from_bench(load_result(path), str(path / "results.json" if path.is_dir() else path))
 
 
 @dataclasses.dataclass(frozen=True)

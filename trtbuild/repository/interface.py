@@ -140,7 +140,12 @@ TEXT_LLM_OUTPUTS: tuple[Tensor, ...] = (_t("text_output", "STRING", (-1,), optio
 
 # NVIDIA's ensemble interface on the text model: one step, routed by Triton's core (no Python in
 # between); the ensemble's names map onto the text model's, which takes them as they are but one.
-TEXT_ENSEMBLE_INPUTS: tuple[Tensor, ...] = ENSEMBLE_INPUTS + tuple(dataclasses.replace(t, reshape=None) for t in USAGE_INPUTS)
+# text_input too is declared optional here and refused by name by the text model when missing, for
+# the reason max_tokens is (Triton 2.51 answers a decoupled ensemble's missing required input with
+# an empty stream over gRPC and an HTTP 200 carrying an error).
+TEXT_ENSEMBLE_INPUTS: tuple[Tensor, ...] = tuple(
+    dataclasses.replace(t, optional=True) if t.name == "text_input" else t for t in ENSEMBLE_INPUTS
+) + tuple(dataclasses.replace(t, reshape=None) for t in USAGE_INPUTS)
 TEXT_ENSEMBLE_OUTPUTS: tuple[Tensor, ...] = ENSEMBLE_OUTPUTS + USAGE_OUTPUTS
 ENSEMBLE_TO_TEXT_LLM: dict[str, str] = {"length_penalty": "len_penalty"}
 

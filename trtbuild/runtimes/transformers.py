@@ -9,7 +9,8 @@ from pathlib import Path
 from trtbuild.repository import interface
 from trtbuild.repository.plan import Batching, ModelPlan, pbbool, plan_llm_repository
 from trtbuild.repository.render import write_spec_repository
-from trtbuild.runtimes.base import Runtime, Written, spec_from_options
+from trtbuild.errors import TrtbuildError
+from trtbuild.runtimes.base import RepoRequest, Runtime, Written, spec_from_options
 from trtbuild.spec import BuildSpec
 
 
@@ -76,5 +77,29 @@ def write(spec: BuildSpec, out: Path, force: bool = False) -> Written:
     return write_spec_repository(spec, plan(spec), out, force=force, extra=extra)
 
 
-RUNTIME = Runtime("transformers", "a Hugging Face checkpoint",
-                  lambda r: spec_from_options(r.checkpoint, "transformers", r.serving, **r.options), write)
+def check_memory(spec: BuildSpec) -> None:
+    """On a CPU the KV pool holds max_batch_size full sequences: refuse here, with the numbers, what the
+    server would refuse at load (on a GPU the pool is sized from the memory free at load)."""
+    from trtbuild_runtime.config import resolve_device
+    from trtbuild_runtime.memory import OutOfMemory, check_cpu_pool, kv_block_bytes
+
+    if resolve_device(spec.device) != "cpu":
+        return
+    m = spec.model
+    itemsize = 1 if spec.kv_cache.dtype == "fp8" else 4 if spec.dtype in ("auto", "float32") else 2  # CPU: 16-bit runs as fp32
+    block = kv_block_bytes(m.num_layers, spec.kv_cache.page_size, m.num_kv_heads, m.head_dim, itemsize)
+    try:
+        check_cpu_pool(spec.kv_cache.blocks_for(spec.max_batch_size, spec.max_seq_len), block, spec.kv_cache.page_size)
+    except OutOfMemory as e:
+        raise TrtbuildError(f"--max-batch-size {spec.max_batch_size} x --max-input-len + --max-output-len {spec.max_seq_len} "
+                            f"cannot be served on this CPU: {e}",
+                            hint="lower --max-batch-size or --max-input-len/--max-output-len, or use --kv-cache-dtype fp8") from None
+
+
+def spec(request: RepoRequest) -> BuildSpec:
+    built = spec_from_options(request.checkpoint, "transformers", request.serving, **request.options)
+    check_memory(built)
+    return built
+
+
+RUNTIME = Runtime("transformers", "a Hugging Face checkpoint", spec, write)

@@ -207,9 +207,13 @@ class TritonPythonModel:
             raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
         if not prompt:
             raise ValueError("the prompt is empty (input_lengths 0)")
-        max_tokens = self._first(request, "request_output_len", "max_tokens")
-        if max_tokens is None or int(max_tokens) == MISSING_OUTPUT_LEN:
-            raise ValueError("max_tokens (request_output_len) is required")
+        max_tokens = scalar(request, "max_tokens")
+        if max_tokens is None:  # NVIDIA's tensor; the preprocessing model marks a missing max_tokens with a sentinel
+            max_tokens = scalar(request, "request_output_len")
+            if max_tokens is not None and int(max_tokens) == MISSING_OUTPUT_LEN:
+                max_tokens = None
+        if max_tokens is None:
+            raise ValueError("max_tokens is required (request_output_len in NVIDIA's tensor interface)")
         max_tokens = int(max_tokens)
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
