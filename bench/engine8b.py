@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.timing import graph_time_us
+
 SHAPES = {
     # Llama-3.1-8B: hidden 4096, 32 layers, 32 / 8 heads, intermediate 14,336, vocab 128,256, llama3 rope
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -172,19 +174,7 @@ def int4_gemm_bench(report: dict, c: dict, device: str) -> None:
     shapes = {"qkv": (h, h + 2 * kv), "o": (h, h), "gate_up": (h, 2 * i), "down": (i, h)}
 
     def timed(fn, n=20) -> float:
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(n):
-                fn()
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / n * 1e3
+        return graph_time_us(fn, n)
 
     results = {}
     for m in (1, 16, 64, 256):

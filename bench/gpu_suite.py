@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.timing import graph_time_us
+
 ROOT = Path(__file__).resolve().parent.parent
 
 from trtbuild.checkpoint import load_model_spec
@@ -348,20 +350,7 @@ def gemm_bench(suite: Suite, hidden: int, inter: int, q_size: int, kv_size: int)
     results = {}
 
     def timed(fn, n=50) -> float:
-        """Kernel time: n calls captured in a CUDA graph and replayed, so launches do not count."""
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(n):
-                fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        graph.replay()
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / n * 1e3  # us
+        return graph_time_us(fn, n)
 
     for m in (1, 16, 64, 256):
         row = {}
