@@ -48,8 +48,8 @@ def plan_transformers_llm(spec: BuildSpec) -> ModelPlan:
                 ("max_draft_len", spec.max_draft_len),
                 ("max_matching_ngram_size", spec.max_matching_ngram_size),
                 ("engine_stall_timeout_s", spec.engine_stall_timeout_s),
-                *([("fault_injection_stall_prompt", spec.extra["fault_injection_stall_prompt"])]
-                  if spec.extra.get("fault_injection_stall_prompt") else []),
+                # tests and drills: a prompt that wedges the engine, a delay after every step (a slower build)
+                *[(k, v) for k, v in sorted(spec.extra.items()) if k.startswith("fault_injection_") and v],
             ],
             # requests join the running batch at once; the batcher is where priorities and queue
             # policies act (the engine itself serves first come, first served)

@@ -1,0 +1,68 @@
+"""Choosing the build to ship: `trtbuild ab` (live A/B with a verdict) and `trtbuild select` (the best
+measured build under constraints); the command line over trtbuild.bench.ab and trtbuild.bench.select."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from trtbuild.cli.bench import _stdout
+from trtbuild.cli.console import console
+from trtbuild.errors import TrtbuildError
+
+
+@click.command("ab")
+@click.option("--a", "a", required=True, help="The current build: HOST:PORT[/MODEL] (MODEL: an entry point of its trtbuild.json).")
+@click.option("--b", "b", required=True, help="The candidate: HOST:PORT[/MODEL].")
+@click.option("--split", type=float, default=0.1, show_default=True, help="Fraction of the request stream sent to B.")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option("--stream/--no-stream", default=True, show_default=True)
+@click.option("--concurrency", type=int, default=None, help="Closed loop: requests in flight [default: 4 unless --request-rate].")
+@click.option("--request-rate", type=float, default=None, help="Open loop: requests per second (Poisson arrivals).")
+@click.option("--requests", type=int, default=200, show_default=True, help="Measured requests of the whole stream (both arms).")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Requests sent first to each arm and left out.")
+@click.option("--input-tokens-mean", type=float, default=128, show_default=True)
+@click.option("--output-tokens-mean", type=float, default=128, show_default=True)
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="Tokenizer folder (default: the tokenizer_dir A's models name, if it exists here).")
+@click.option("--metric", default="latency_p50", show_default=True,
+              help="What the speedup is measured on: {ttft,itl,latency}_{p50,p90,p95,p99,mean}.")
+@click.option("--min-speedup", type=float, default=1.0, show_default=True,
+              help="ROLLOUT needs A/B of --metric at least this (below 1: B may be this much slower).")
+@click.option("--max-error-rate", type=float, default=0.01, show_default=True, help="ROLLBACK when B fails more often.")
+@click.option("--alpha", type=float, default=0.05, show_default=True, help="Significance level of the tests.")
+@click.option("--min-agreement", type=float, default=None, help="ROLLBACK when B's greedy answers agree with A's on fewer tokens.")
+@click.option("--agreement-prompts", type=int, default=8, show_default=True, help="Greedy prompts sent to both arms (0: none).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the prompts and the bootstrap.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the result as JSON.")
+def ab_cmd(a, b, split, protocol, stream, concurrency, request_rate, requests, warmup, input_tokens_mean, output_tokens_mean,
+           tokenizer, metric, min_speedup, max_error_rate, alpha, min_agreement, agreement_prompts, seed, json_out) -> None:
+    """Send one request stream to two servers, A and B, and decide: ROLLOUT (exit 0), ROLLBACK (1) or HOLD (3)."""
+    from trtbuild.bench.ab import ABConfig, Arm, Thresholds, run_ab, tables, verdict_lines
+    from trtbuild.bench.loadgen import LoadPoint
+    from trtbuild.bench.run import BenchConfig
+    from trtbuild.clients.prompts import LengthDistribution
+
+    if concurrency is not None and request_rate is not None:
+        raise TrtbuildError("give --concurrency or --request-rate, not both")
+    load = LoadPoint(request_rate=request_rate) if request_rate is not None else LoadPoint(concurrency=concurrency or 4)
+    bench = BenchConfig(url="", protocol=protocol, stream=stream, loads=(load,), requests=requests, warmup=warmup,
+                        input_tokens=LengthDistribution(input_tokens_mean), output_tokens=LengthDistribution(output_tokens_mean),
+                        tokenizer=tokenizer, seed=seed)
+    config = ABConfig(Arm.parse(a, "--a"), Arm.parse(b, "--b"), bench, split=split, metric=metric,
+                      thresholds=Thresholds(min_speedup, max_error_rate, alpha, min_agreement), agreement_prompts=agreement_prompts)
+    with console.status(f"A/B: {requests} requests, {split:.0%} to B"):
+        result = run_ab(config)
+    out = _stdout()
+    for table in tables(result):
+        out.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    for line in verdict_lines(result):
+        click.echo(line)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.to_json(), indent=2))
+    sys.exit(result.verdict.exit_code)
