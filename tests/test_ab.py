@@ -6,7 +6,6 @@ The statistics and the verdict rules are also checked on synthetic samples."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -18,19 +17,7 @@ from trtbuild.bench.compare import welch
 from trtbuild.bench.metrics import RequestRecord, summarize
 from trtbuild.errors import TrtbuildError
 
-DELAY_MS = 25
-SLOW_MAX_INPUT = 48  # the slow build also takes shorter prompts: longer ones fail there (the error-rate test)
-
-
-@pytest.fixture(scope="module")
-def slow_server(tiny_spec, tmp_path_factory):
-    from trtbuild.deploy.server import TritonServer
-    from trtbuild.runtimes import generate
-
-    spec = dataclasses.replace(tiny_spec, max_input_len=SLOW_MAX_INPUT, extra={"fault_injection_step_delay_ms": DELAY_MS})
-    repo = generate(spec, tmp_path_factory.mktemp("slow") / "repo")
-    with TritonServer(repo, log_path=tmp_path_factory.mktemp("slowlog") / "tritonserver.log") as server:
-        yield server
+from conftest import SLOW_MAX_INPUT_LEN as SLOW_MAX_INPUT, SLOW_STEP_DELAY_MS as DELAY_MS
 
 
 def _entry(server) -> str:

@@ -66,3 +66,42 @@ def ab_cmd(a, b, split, protocol, stream, concurrency, request_rate, requests, w
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_json(), indent=2))
     sys.exit(result.verdict.exit_code)
+
+
+@click.command("select")
+@click.argument("results", nargs=-1, required=True)
+@click.option("--objective", type=click.Choice(["throughput", "p99", "cost"]), default="throughput", show_default=True,
+              help="throughput: output tokens/s; p99: end-to-end latency p99; cost: USD per 1M output tokens.")
+@click.option("--load", default=None, help="Compare at this load point (bench's key: c4, r10-poisson); "
+                                           "default: each build's best run within the SLO.")
+@click.option("--max-ppl-delta", type=float, default=None, help="Most relative perplexity rise (validate's ppl_delta_rel), e.g. 0.02.")
+@click.option("--min-token-agreement", type=float, default=None, help="Least greedy token agreement (validate, served).")
+@click.option("--max-memory-gib", type=float, default=None, help="Most GPU memory (bench run --metrics-url measured it).")
+@click.option("--slo", default=None, help="p99 limits of the operating point: ttft_ms=200,itl_ms=50,latency_ms=2000.")
+@click.option("--gpu-hourly-cost", type=float, default=None, help="USD per hour: the cost objective from measured throughput.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="PNG of the objective against accuracy delta.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the selection as JSON.")
+def select_cmd(results, objective, load, max_ppl_delta, min_token_agreement, max_memory_gib, slo, gpu_hourly_cost,
+               plot_path, json_out) -> None:
+    """The build that maximises OBJECTIVE under the constraints, from measured results: RESULT is [NAME=]PATH,
+    a folder with a `bench run` results.json (and a `validate` report.json), or the results.json itself.
+    Exits 1 when no build meets the constraints."""
+    from trtbuild.bench.metrics import SLO
+    from trtbuild.bench.select import Constraints, load_build, plot, select, table
+
+    selection = select([load_build(r) for r in results], objective,
+                       Constraints(max_ppl_delta, min_token_agreement, max_memory_gib, SLO.parse(slo)), load, gpu_hourly_cost)
+    _stdout().print(table(selection))
+    front = [c.build.name for c in selection.candidates if c.on_front]
+    click.echo(f"Pareto front ({selection.objective} vs accuracy delta): {', '.join(front) or 'none (no build with accuracy results meets the constraints)'}")
+    for c in selection.candidates:
+        if c is not selection.chosen:
+            click.echo(f"{c.build.name} lost: {c.why_lost}")
+    if plot_path is not None and plot(selection, plot_path):
+        console.print(f"[green]wrote[/] {plot_path}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(selection.to_json(), indent=2))
+    if selection.chosen is None:
+        click.echo("selected: none: no build meets the constraints")
+        sys.exit(1)
+    click.echo(f"selected: {selection.chosen.build.name}")
