@@ -1,5 +1,6 @@
-"""Choosing the build to ship: `trtbuild ab` (live A/B with a verdict) and `trtbuild select` (the best
-measured build under constraints); the command line over trtbuild.bench.ab and trtbuild.bench.select."""
+"""Choosing the build to ship: `trtbuild profile` (where the time goes), `trtbuild ab` (live A/B with a
+verdict) and `trtbuild select` (the best measured build under constraints); the command line over
+trtbuild.bench.profile, trtbuild.bench.ab and trtbuild.bench.select."""
 
 from __future__ import annotations
 
@@ -105,3 +106,25 @@ def select_cmd(results, objective, load, max_ppl_delta, min_token_agreement, max
         click.echo("selected: none: no build meets the constraints")
         sys.exit(1)
     click.echo(f"selected: {selection.chosen.build.name}")
+
+
+@click.command("profile")
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA where a GPU is visible).")
+@click.option("--batch", type=int, default=4, show_default=True, help="Prompts served together (at most the repository's max batch).")
+@click.option("--input-tokens", type=int, default=64, show_default=True)
+@click.option("--output-tokens", type=int, default=16, show_default=True)
+@click.option("--top", type=int, default=15, show_default=True, help="Operators listed.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for profile.json, profile.md, trace.json.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+def profile_cmd(source, device, batch, input_tokens, output_tokens, top, out, force) -> None:
+    """Profile prefill and decode steps of the runtime on SOURCE (a checkpoint or a generated repository)."""
+    from trtbuild.atomic import check_output_dir
+    from trtbuild.bench.profile import ProfileConfig, markdown, profile, write
+
+    check_output_dir(out, force, inputs=(source,))
+    with console.status(f"profiling {batch} x ({input_tokens} + {output_tokens}) tokens"):
+        result, prof = profile(ProfileConfig(source, device, batch, input_tokens, output_tokens, top))
+    click.echo(markdown(result))
+    write(result, prof, out, force=force)
+    console.print(f"[green]wrote[/] {out} (profile.json, profile.md, trace.json)")
