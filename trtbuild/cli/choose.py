@@ -109,20 +109,41 @@ def select_cmd(results, objective, load, max_ppl_delta, min_token_agreement, max
 
 
 @click.command("profile")
-@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.argument("source", type=click.Path(path_type=Path, exists=True), required=False)
+@click.option("--server", default=None, help="Instead of SOURCE: trace a running server, HOST:HTTP_PORT/MODEL "
+                                             "(started with `trtbuild serve --trace-file PATH`).")
+@click.option("--requests", type=int, default=8, show_default=True, help="--server: requests traced.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (CUDA where a GPU is visible).")
 @click.option("--batch", type=int, default=4, show_default=True, help="Prompts served together (at most the repository's max batch).")
 @click.option("--input-tokens", type=int, default=64, show_default=True)
 @click.option("--output-tokens", type=int, default=16, show_default=True)
 @click.option("--top", type=int, default=15, show_default=True, help="Operators listed.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for profile.json, profile.md, trace.json.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for profile.json, profile.md, trace.json (--server: trace_split.json, .md, .png).")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
-def profile_cmd(source, device, batch, input_tokens, output_tokens, top, out, force) -> None:
-    """Profile prefill and decode steps of the runtime on SOURCE (a checkpoint or a generated repository)."""
+def profile_cmd(source, server, requests, device, batch, input_tokens, output_tokens, top, out, force) -> None:
+    """Profile prefill and decode steps of the runtime on SOURCE (a checkpoint or a generated repository),
+    or split a running server's request time by model with Triton's trace API (--server)."""
     from trtbuild.atomic import check_output_dir
+
+    if (source is None) == (server is None):
+        raise TrtbuildError("give SOURCE (a checkpoint or repository) or --server HOST:PORT/MODEL, not both")
+    check_output_dir(out, force, inputs=(source,) if source else ())
+    if server is not None:
+        from trtbuild.bench.ab import Arm
+        from trtbuild.bench import trace
+
+        arm = Arm.parse(server, "--server")
+        if arm.model is None:
+            raise TrtbuildError(f"--server {server}: name the model, HOST:PORT/MODEL (an entry point of its trtbuild.json)")
+        with console.status(f"tracing {requests} requests to {arm.model}"):
+            splits = trace.collect(arm.url, arm.model, requests=requests, max_tokens=output_tokens)
+        click.echo(trace.markdown(splits))
+        trace.write(splits, out, force=force)
+        console.print(f"[green]wrote[/] {out} (trace_split.json, trace_split.md, trace_split.png)")
+        return
     from trtbuild.bench.profile import ProfileConfig, markdown, profile, write
 
-    check_output_dir(out, force, inputs=(source,))
     with console.status(f"profiling {batch} x ({input_tokens} + {output_tokens}) tokens"):
         result, prof = profile(ProfileConfig(source, device, batch, input_tokens, output_tokens, top))
     click.echo(markdown(result))
