@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import kubernetes_validate
@@ -151,3 +155,56 @@ def test_baseline_and_canary_errors(tiny_repository, tmp_path):
         generate(tiny_repository, tmp_path / "c", K8sOptions(image=IMAGE, canary=tiny_repository, canary_percent=100))
     with pytest.raises(TrtbuildError, match="--alert-latency-factor"):
         alerts.AlertSettings(latency_factor=0.9).check()
+
+
+@pytest.mark.server
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs a prometheus binary (Debian: apt-get install prometheus)")
+def test_an_induced_slowdown_fires_the_latency_alert_on_a_real_prometheus(metrics_server, baseline, tiny_spec, tiny_repository,
+                                                                         tmp_path):
+    """Prometheus scrapes the normal build and a deliberately slower one (a sleep after every engine step)
+    and evaluates the alert rules as rendered (only `for` and the intervals shortened): the latency alert
+    fires for the slow server's entry point and not for the normal one."""
+    from conftest import SLOW_STEP_DELAY_MS
+    from trtbuild.clients.generate import generate as send
+    from trtbuild.deploy.server import ServerOptions, TritonServer, free_port
+    from trtbuild.runtimes import generate as generate_repository
+
+    entry = json.loads((tiny_repository / "trtbuild.json").read_text())["entrypoints"]
+    group = alerts.alert_group(alerts.Baseline.from_bench(baseline), tuple(entry.values()), alerts.AlertSettings(), "runbook")
+    group = dict(group, interval="1s", rules=[dict(r, **({"for": "2s"} if "alert" in r else {})) for r in group["rules"]])
+    (tmp_path / "rules.yml").write_text(monitoring.to_yaml({"groups": [group]}))
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yml")], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    slow_repo = generate_repository(dataclasses.replace(tiny_spec, extra={"fault_injection_step_delay_ms": SLOW_STEP_DELAY_MS}),
+                                    tmp_path / "slow")
+    with TritonServer(slow_repo, ServerOptions(extra_args=monitoring.TRITON_METRICS_ARGS), log_path=tmp_path / "slow.log") as slow:
+        targets = {name: s.metrics_url.split("//")[1].split("/")[0] for name, s in (("fast", metrics_server), ("slow", slow))}
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(tmp_path / "rules.yml")],
+            "scrape_configs": [{"job_name": "triton", "static_configs": [{"targets": list(targets.values())}]}]}))
+        port = free_port()
+        with open(tmp_path / "prom.log", "wb") as log:
+            prometheus = subprocess.Popen(
+                ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            firing: list[dict] = []
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and not firing:
+                send(metrics_server.grpc_url, "Hello there", 4, model=entry["ensemble"], stream=True)
+                send(slow.grpc_url, "Hello there", 8, model=entry["ensemble"], stream=True)
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=5) as r:
+                        found = json.loads(r.read())["data"]["alerts"]
+                except OSError:
+                    continue  # Prometheus still starting
+                firing = [a for a in found if a["labels"]["alertname"] == "TrtbuildLatencyRegression" and a["state"] == "firing"]
+            assert firing, (tmp_path / "prom.log").read_text()[-2000:]
+        finally:
+            prometheus.terminate()
+            prometheus.wait(timeout=30)
+    assert {a["labels"]["instance"] for a in firing} == {targets["slow"]}
+    assert {a["labels"]["model"] for a in firing} <= set(entry.values())
+    assert firing[0]["annotations"]["runbook"] == "runbook"

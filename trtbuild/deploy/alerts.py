@@ -106,8 +106,10 @@ def alert_group(baseline: Baseline, entrypoints: tuple[str, ...], settings: Aler
         {"record": BASELINE_P99, "expr": f"vector({baseline_us:.0f})",
          "labels": {"baseline": Path(baseline.source).name, "load": baseline.load}},
         {"record": LATENCY_LIMIT, "expr": f"vector({limit_us:.0f})"},
-        alert("TrtbuildLatencyRegression", f"max by (model) ({P99}{{{entry}}}) > {limit_us:.0f}", settings.latency_for,
-              f"p99 request latency of {{{{ $labels.model }}}} above {settings.latency_factor:g}x the baseline",
+        alert("TrtbuildLatencyRegression", f"max by ({PER_REPLICA}, model) ({P99}{{{entry}}}) > {limit_us:.0f}",
+              settings.latency_for,
+              f"p99 request latency of {{{{ $labels.model }}}} on {{{{ $labels.pod }}}}{{{{ $labels.instance }}}} above "
+              f"{settings.latency_factor:g}x the baseline",
               f"p99 {{{{ $value | humanize }}}}us > {settings.latency_factor:g} x {baseline_us:.0f}us, the p99 that "
               f"{Path(baseline.source).name} measured at {baseline.load}.", "critical"),
         alert("TrtbuildErrorRatio", f"{failures}\n  / clamp_min({successes} + {failures}, 1e-9) > {settings.error_ratio:g}",
