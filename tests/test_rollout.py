@@ -23,7 +23,7 @@ from trtbuild.deploy import alerts, monitoring
 from trtbuild.deploy.k8s import K8sOptions, generate
 from trtbuild.errors import TrtbuildError
 
-from test_k8s import IMAGE, K8S_VERSIONS, check_crd_fields
+from test_k8s import IMAGE, K8S_VERSIONS, KSERVE_EXTENSION_FIELDS, check_crd_fields
 from test_monitoring import matches, metrics_server, selectors, wire_samples  # noqa: F401 - metrics_server is a fixture
 
 
@@ -118,7 +118,7 @@ def test_alerts_follow_the_baseline_and_name_the_rollback(deploy, baseline, tiny
     assert {"baseline p99", "alert limit", "p99 {{model}}"} <= set(legends)
     # without --kserve the runbook is rollout undo
     assert alerts.rollback_step("x", None) == "kubectl rollout undo deployment/x (back to the previous Deployment revision)"
-    assert "canaryTrafficPercent\":0" in alerts.rollback_step("x", "ns", kserve=True)
+    assert "canaryTrafficPercent\":0" in alerts.rollback_step("x", "ns", kserve_canary=True)
 
 
 @pytest.mark.server
@@ -144,13 +144,37 @@ def test_every_alert_expression_parses_and_selects_real_or_recorded_series(deplo
     assert checked >= 4  # summary p99, failures, successes (twice)
 
 
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kserve_canary_is_the_next_revision_with_canary_traffic_percent(tiny_repository, candidate, baseline, tmp_path, version):
+    from trtbuild.cli import main
+
+    out = tmp_path / "deploy"
+    result = CliRunner().invoke(main, ["k8s", str(tiny_repository), "--out", str(out), "--image", IMAGE, "--kserve",
+                                       "--canary", str(candidate), "--canary-percent", "10", "--baseline", str(baseline)])
+    assert result.exit_code == 0, result.output
+    assert "canary/" in result.output and "promote:" in result.output and "roll back:" in result.output
+    (stable,) = [d for d in _docs(out) if d["kind"] == "InferenceService"]
+    (canary,) = list(yaml.safe_load_all((out / "canary" / "inferenceservice.yaml").read_text()))
+    assert not any(d["kind"] == "HorizontalPodAutoscaler" for d in _docs(out))  # Knative scales Serverless services
+    for isvc, repo in ((stable, tiny_repository), (canary, candidate)):
+        check_crd_fields(isvc)
+        assert isvc["metadata"]["name"] == "trtbuild-llama"  # the same object: the canary is its next revision
+        assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+        assert "serving.kserve.io/autoscalerClass" not in isvc["metadata"]["annotations"]
+        predictor = isvc["spec"]["predictor"]
+        pod = {k: v for k, v in predictor.items() if k not in KSERVE_EXTENSION_FIELDS}
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod}, version, strict=True)
+        assert str(repo) in " ".join(pod["containers"][0]["args"])
+    assert canary["spec"]["predictor"]["canaryTrafficPercent"] == 10 and "canaryTrafficPercent" not in stable["spec"]["predictor"]
+    runbook = _alert_group(out)["rules"][-1]["annotations"]["runbook"]
+    assert runbook.startswith("kubectl patch inferenceservice trtbuild-llama --type merge") and '"canaryTrafficPercent":0' in runbook
+
+
 def test_baseline_and_canary_errors(tiny_repository, tmp_path):
     bad = tmp_path / "bench.json"
     bad.write_text(json.dumps({"runs": [{"key": "c1", "aborted": "interrupted", "metrics": {}}]}))
     with pytest.raises(TrtbuildError, match="no complete run"):
         generate(tiny_repository, tmp_path / "a", K8sOptions(image=IMAGE, baseline=bad))
-    with pytest.raises(TrtbuildError, match="--canary with --kserve"):
-        generate(tiny_repository, tmp_path / "b", K8sOptions(image=IMAGE, kserve=True, canary=tiny_repository))
     with pytest.raises(TrtbuildError, match="--canary-percent"):
         generate(tiny_repository, tmp_path / "c", K8sOptions(image=IMAGE, canary=tiny_repository, canary_percent=100))
     with pytest.raises(TrtbuildError, match="--alert-latency-factor"):

@@ -77,7 +77,12 @@ def k8s_cmd(repository: Path, out: Path, force: bool, **options) -> None:
     console.print(f"  2. helm upgrade --install prometheus-adapter prometheus-community/prometheus-adapter "
                   f"-n monitoring -f {out}/extras/prometheus-adapter-values.yaml")
     console.print(f"  3. kubectl apply -f {out}/")
-    if plan.canary is not None:
+    if plan.canary is not None and plan.options.kserve:
+        patch = f"kubectl patch inferenceservice {plan.name}" + (f" -n {plan.namespace}" if plan.namespace else "")
+        console.print(f"  4. once ready, the canary revision ({plan.canary_share:.0%} of requests): kubectl apply -f {out}/canary/")
+        console.print(f"    roll back: {patch} --type merge -p '{{\"spec\":{{\"predictor\":{{\"canaryTrafficPercent\":0}}}}}}'")
+        console.print(f"    promote:   {patch} --type merge -p '{{\"spec\":{{\"predictor\":{{\"canaryTrafficPercent\":100}}}}}}'")
+    elif plan.canary is not None:
         console.print(f"  canary {plan.canary.name}: {plan.canary.options.replicas_min} of "
                       f"{plan.canary.options.replicas_min + plan.options.replicas_min} pods ({plan.canary_share:.0%} of requests)")
         console.print(f"    roll back: kubectl scale deployment/{plan.canary.name} --replicas=0")

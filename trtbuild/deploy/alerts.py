@@ -72,11 +72,11 @@ def _regex(names: tuple[str, ...]) -> str:
     return "|".join(re.escape(n) for n in names)
 
 
-def rollback_step(workload: str, namespace: str | None, *, kserve: bool = False, canary: str | None = None) -> str:
-    """The command that undoes the last rollout."""
+def rollback_step(workload: str, namespace: str | None, *, kserve_canary: bool = False, canary: str | None = None) -> str:
+    """The command that undoes the last rollout (KServe in RawDeployment mode owns a Deployment too)."""
     ns = f" -n {namespace}" if namespace else ""
-    if kserve:
-        return (f"kubectl patch inferenceservice {workload}{ns} --type merge "
+    if kserve_canary:
+        return (f"kubectl patch inferenceservice {canary or workload}{ns} --type merge "
                 "-p '{\"spec\":{\"predictor\":{\"canaryTrafficPercent\":0}}}' (KServe sends all traffic back to the "
                 "last ready revision)")
     if canary:

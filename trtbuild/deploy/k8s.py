@@ -80,7 +80,7 @@ class K8sOptions:
     baseline_load: str | None = None
     alerts: AlertSettings = AlertSettings()
     canary: Path | None = None  # the candidate repository: a second Deployment behind the same Service
-    canary_percent: int = 10  # share of the pods (so of the requests) the canary gets
+    canary_percent: int = 10  # share of the pods (so of the requests) the canary gets; KServe: canaryTrafficPercent
 
     def check(self) -> None:
         def positive(flag: str, value: int) -> None:
@@ -104,9 +104,6 @@ class K8sOptions:
             raise TrtbuildError("--s3-uri is only used with --model-source s3")
         if self.canary is not None and not 0 < self.canary_percent < 100:
             raise TrtbuildError(f"--canary-percent must be in (0, 100), got {self.canary_percent}")
-        if self.canary is not None and self.kserve:
-            raise TrtbuildError("--canary with --kserve is not rendered yet",
-                                hint="KServe's canaryTrafficPercent needs its Serverless mode; use the Deployment canary")
         if not self.hpa_target > 0:
             raise TrtbuildError(f"--hpa-target must be positive, got {self.hpa_target}")
         for flag, value in (("--name", self.name), ("--namespace", self.namespace), ("--pvc-name", self.pvc_name)):
@@ -160,14 +157,21 @@ class DeploymentPlan:
         return {"app.kubernetes.io/name": self.app or self.name}
 
     @property
+    def serverless(self) -> bool:
+        """KServe's canaryTrafficPercent works only in its Serverless (Knative) mode, which scales pods itself."""
+        return self.options.kserve and self.track is not None
+
+    @property
     def canary_share(self) -> float | None:
         if self.canary is None:
             return None
+        if self.options.kserve:
+            return self.options.canary_percent / 100
         return self.canary.options.replicas_min / (self.canary.options.replicas_min + self.options.replicas_min)
 
     @property
     def rollback(self) -> str:
-        return rollback_step(self.workload_name, self.namespace, kserve=self.options.kserve,
+        return rollback_step(self.workload_name, self.namespace, kserve_canary=self.serverless,
                              canary=self.canary.name if self.canary else None)
 
     @property
@@ -288,7 +292,7 @@ def plan_deployment(repository: Path, options: K8sOptions, *, app: str | None = 
     if options.canary is not None and track is None:
         track = "stable"
     app = app or name
-    if track == "canary":
+    if track == "canary" and not options.kserve:  # KServe: the same InferenceService, a new revision
         name = f"{app}-canary"[:63].rstrip("-")
     labels = {"app.kubernetes.io/name": app, "app.kubernetes.io/component": "triton",
               "app.kubernetes.io/part-of": "trtbuild", **({"trtbuild.io/track": track} if track else {})}
@@ -343,9 +347,10 @@ def _indent(text: str, spaces: int) -> str:
 def manifest_files(plan: DeploymentPlan) -> list[str]:
     """Templates to render, each to the file of the same name without .j2."""
     core = ["inferenceservice.yaml"] if plan.options.kserve else ["deployment.yaml", "service.yaml"]
-    if plan.canary is not None:
-        core.append("deployment-canary.yaml")
-    return [*core, "hpa.yaml", "pdb.yaml", "podmonitor.yaml", "prometheusrule.yaml", "grafana-dashboard.yaml",
+    if plan.canary is not None:  # KServe's canary is the next revision of the same object: applied after the first
+        core.append("canary/inferenceservice.yaml" if plan.options.kserve else "deployment-canary.yaml")
+    autoscaler = [] if plan.serverless else ["hpa.yaml"]  # Knative scales a Serverless InferenceService
+    return [*core, *autoscaler, "pdb.yaml", "podmonitor.yaml", "prometheusrule.yaml", "grafana-dashboard.yaml",
             "extras/prometheus-adapter-values.yaml", "extras/copy-model.sh"]
 
 
@@ -370,10 +375,11 @@ def render(plan: DeploymentPlan) -> dict[str, str]:
     )
     out: dict[str, str] = {}
     for rel in manifest_files(plan):
-        template = f"{TEMPLATE_DIR}/{rel.replace('-canary', '')}.j2"
+        canary = rel in ("deployment-canary.yaml", "canary/inferenceservice.yaml")
+        template = f"{TEMPLATE_DIR}/{rel.replace('-canary', '').replace('canary/', '')}.j2"
         try:
             text = env.get_template(template).render(**(context | {"p": plan.canary, "o": plan.canary.options}
-                                                        if rel == "deployment-canary.yaml" else context))
+                                                        if canary else context))
         except jinja2.TemplateError as e:
             raise TrtbuildError(f"template {template}: {e}") from None
         if rel.endswith(".yaml"):
