@@ -56,6 +56,26 @@ def tiny_server(tiny_repository, tmp_path_factory):
     server.stop()
 
 
+SLOW_STEP_DELAY_MS = 25  # the slow build sleeps this long after every engine step
+SLOW_MAX_INPUT_LEN = 48  # and takes shorter prompts: longer ones fail there
+
+
+@pytest.fixture(scope="session")
+def slow_server(tiny_spec, tmp_path_factory):
+    """The tiny build made slower on purpose (fault_injection_step_delay_ms: a sleep, so the slowdown does
+    not depend on how busy the cores are), for tests that must tell a slower build from a faster one."""
+    import dataclasses
+
+    from trtbuild.deploy.server import TritonServer
+    from trtbuild.runtimes import generate
+
+    spec = dataclasses.replace(tiny_spec, max_input_len=SLOW_MAX_INPUT_LEN,
+                               extra={"fault_injection_step_delay_ms": SLOW_STEP_DELAY_MS})
+    repo = generate(spec, tmp_path_factory.mktemp("slow") / "repo")
+    with TritonServer(repo, log_path=tmp_path_factory.mktemp("slowlog") / "tritonserver.log") as server:
+        yield server
+
+
 def run_under_triton_interpreter(test_file: str, function: str, marker: str) -> None:
     """Run `function` of `test_file` in a fresh process with TRITON_INTERPRET=1 (it must be set before
     triton is imported), and check that it printed `marker`: Triton kernels on a machine with no GPU."""

@@ -40,6 +40,7 @@ class EngineConfig:
     speculative_decoding_mode: str = "none"  # none, ngram (prompt lookup)
     max_draft_len: int = 4  # draft tokens verified per step (TensorRT-LLM's max_draft_len)
     max_matching_ngram_size: int = 3  # longest suffix n-gram prompt lookup matches
+    fault_injection_step_delay_ms: float = 0.0  # sleep after every step: a deliberately slower build (A/B tests, alert drills)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_tokens", "max_seq_len", "kv_cache_page_size"):

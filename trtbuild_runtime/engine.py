@@ -241,3 +241,5 @@ class EngineLoop:
             outputs = self.engine.step()
             if outputs:
                 self.results.put(outputs)
+            if self.engine.config.fault_injection_step_delay_ms:
+                time.sleep(self.engine.config.fault_injection_step_delay_ms / 1e3)

@@ -53,6 +53,7 @@ class BenchConfig:
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     http_binary: bool = True
     request_id_prefix: str | None = None  # send request ids "<prefix><prompt index>" (to match Triton traces to records)
+    metrics_url: str | None = None  # the server's Prometheus endpoint (host:8002): GPU memory in the result, for `trtbuild select`
 
     def __post_init__(self):
         if self.protocol not in ("grpc", "http"):
@@ -115,6 +116,7 @@ class BenchResult:
     environment: dict[str, Any]
     notes: list[str]
     tokenizer: str | None
+    memory: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -125,6 +127,7 @@ class BenchResult:
                        "token_counts": "server" if self.interface.count_outputs else ("tokenizer" if self.tokenizer else None)},
             "environment": self.environment,
             "notes": self.notes,
+            "memory": self.memory,
             "runs": [r.to_json(self.streaming) for r in self.runs],
         }
 
@@ -216,7 +219,8 @@ async def bench_async(config: BenchConfig, progress: RunProgress | None = None,
                          "length (the text of generated tokens does not always re-tokenize to the same tokens); "
                          "token counts come from the tokenizer")
         environment = _environment(config, server_meta, iface)
-        return BenchResult(config, iface, streaming, runs, warmup, environment, notes, tokenizer_path)
+        memory = await asyncio.to_thread(server_memory, config.metrics_url, notes) if config.metrics_url else None
+        return BenchResult(config, iface, streaming, runs, warmup, environment, notes, tokenizer_path, memory)
     finally:
         await transport.close()
 
@@ -424,3 +428,25 @@ def _environment(config: BenchConfig, server_meta: dict, iface: ModelInterface) 
         "server": {"name": server_meta.get("name"), "version": server_meta.get("version")},
         "model_config": iface.config,
     }
+
+
+def server_memory(metrics_url: str, notes: list[str]) -> dict[str, Any] | None:
+    """GPU memory the server holds after the run, from Triton's nv_gpu_memory_used_bytes (summed over GPUs):
+    the measured footprint `trtbuild select --max-memory-gib` compares."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = metrics_url if "://" in metrics_url else f"http://{metrics_url}"
+    url = url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except Exception as e:  # noqa: BLE001 - the benchmark stands without it
+        notes.append(f"memory not read: {url}: {one_line(e)}")
+        return None
+    used = [s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "nv_gpu_memory_used_bytes"]
+    if not used:
+        notes.append(f"memory not read: {url} has no nv_gpu_memory_used_bytes (a server without GPUs)")
+        return None
+    return {"gpu_memory_used_gib": sum(used) / 2**30, "gpus": len(used), "source": url}

@@ -10,6 +10,7 @@ import os
 import click
 
 from trtbuild.cli.bench import bench
+from trtbuild.cli.choose import ab_cmd, profile_cmd, select_cmd
 from trtbuild.cli.console import TrtbuildGroup
 from trtbuild.cli.demo import demo, demo_checkpoint
 from trtbuild.cli.deploy import compose, k8s_cmd, plan_cmd
@@ -30,5 +31,5 @@ def main() -> None:
 
 
 for _command in (demo_checkpoint, repo, serve, generate_cmd, demo, quantize_cmd, engine, inspect_cmd, export, compose,
-                 bench, validate_cmd, k8s_cmd, plan_cmd):
+                 bench, validate_cmd, k8s_cmd, plan_cmd, ab_cmd, select_cmd, profile_cmd):
     main.add_command(_command)

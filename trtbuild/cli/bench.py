@@ -83,13 +83,14 @@ def bench() -> None:
 @click.option("--input-shape", multiple=True, help="Tensor models: NAME=D1,D2 (batch dimension included) for a variable-shape input.")
 @click.option("--http-json", is_flag=True, help="Tensor models over HTTP: send JSON tensors instead of binary ones.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--metrics-url", default=None, help="The server's metrics endpoint (host:8002): records its GPU memory for `trtbuild select`.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder for JSON, CSV, JSONL and plots.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 def run_cmd(url, protocol, model, interface, stream, concurrency, request_rate, arrival, max_concurrency, requests, duration,
             warmup, input_tokens_mean, input_tokens_stddev, output_tokens_mean, output_tokens_stddev, tokenizer, prompts_file,
             num_prompts, force_output_len, slo, gpu_hourly_cost, request_timeout, max_errors, input_shape, http_json, seed,
-            out, force, no_plots) -> None:
+            metrics_url, out, force, no_plots) -> None:
     """Measure TTFT, ITL, latency, throughput and goodput of a served model."""
     from trtbuild.atomic import check_output_dir
     from trtbuild.bench.run import BenchConfig, run_benchmark
@@ -114,7 +115,7 @@ def run_cmd(url, protocol, model, interface, stream, concurrency, request_rate, 
         output_tokens=LengthDistribution(output_tokens_mean, output_tokens_stddev),
         prompts_file=prompts_file, num_prompts=num_prompts, tokenizer=tokenizer, force_output_len=force_output_len,
         slo=SLO.parse(slo), gpu_hourly_cost=gpu_hourly_cost, request_timeout=request_timeout, max_errors=max_errors,
-        seed=seed, input_shapes=_shapes(input_shape), http_binary=not http_json,
+        seed=seed, input_shapes=_shapes(input_shape), http_binary=not http_json, metrics_url=metrics_url,
     )
     with _Progress(config) as progress:
         result = run_benchmark(config, progress=progress.update, on_start=progress.start)

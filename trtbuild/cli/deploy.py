@@ -40,9 +40,19 @@ from trtbuild.errors import TrtbuildError
               help="`release` label kube-prometheus-stack selects PodMonitors and rules by.")
 @click.option("--prometheus-url", default="http://prometheus-operated.monitoring.svc", show_default=True,
               help="Prometheus URL written into the prometheus-adapter values.")
+@click.option("--baseline", type=click.Path(path_type=Path), default=None,
+              help="A `trtbuild bench run` result: alert when p99 latency regresses against it (and draw it on the dashboard).")
+@click.option("--baseline-load", default=None, help="The baseline's load point (bench's key, e.g. c4); default: its last.")
+@click.option("--alert-latency-factor", type=float, default=1.2, show_default=True, help="Alert above this x the baseline p99, for 10 minutes.")
+@click.option("--alert-error-ratio", type=float, default=0.01, show_default=True, help="Alert above this share of failed requests.")
+@click.option("--alert-queue-ratio", type=float, default=3.0, show_default=True, help="Alert above this queue/compute ratio per pod.")
+@click.option("--canary", type=click.Path(path_type=Path), default=None,
+              help="A candidate repository: rendered as a second Deployment (NAME-canary) behind the same Service.")
+@click.option("--canary-percent", type=int, default=10, show_default=True, help="The canary's share of the pods, so of the requests.")
 @frontend_option
 def k8s_cmd(repository: Path, out: Path, force: bool, **options) -> None:
     """Kubernetes manifests (Deployment or KServe, Service, HPA, PDB, monitoring) for REPOSITORY."""
+    from trtbuild.deploy.alerts import AlertSettings
     from trtbuild.deploy.k8s import K8sOptions, generate, manifest_files
 
     k8s_options = K8sOptions(
@@ -52,7 +62,10 @@ def k8s_cmd(repository: Path, out: Path, force: bool, **options) -> None:
         s3_secret=options["s3_secret"], s3_endpoint=options["s3_endpoint"], kserve=options["kserve"],
         hpa_target=options["hpa_target"], startup_timeout_s=options["startup_timeout"], shm_size=options["shm_size"],
         prometheus_release=options["prometheus_release"], prometheus_url=options["prometheus_url"],
-        frontend=options["frontend"],
+        frontend=options["frontend"], baseline=options["baseline"], baseline_load=options["baseline_load"],
+        alerts=AlertSettings(latency_factor=options["alert_latency_factor"], error_ratio=options["alert_error_ratio"],
+                             queue_ratio=options["alert_queue_ratio"]),
+        canary=options["canary"], canary_percent=options["canary_percent"],
     )
     plan = generate(repository, out, k8s_options, force=force)
     console.print(f"[green]wrote[/] {out}: {', '.join(manifest_files(plan))}")
@@ -64,6 +77,20 @@ def k8s_cmd(repository: Path, out: Path, force: bool, **options) -> None:
     console.print(f"  2. helm upgrade --install prometheus-adapter prometheus-community/prometheus-adapter "
                   f"-n monitoring -f {out}/extras/prometheus-adapter-values.yaml")
     console.print(f"  3. kubectl apply -f {out}/")
+    if plan.canary is not None and plan.options.kserve:
+        patch = f"kubectl patch inferenceservice {plan.name}" + (f" -n {plan.namespace}" if plan.namespace else "")
+        console.print(f"  4. once ready, the canary revision ({plan.canary_share:.0%} of requests): kubectl apply -f {out}/canary/")
+        console.print(f"    roll back: {patch} --type merge -p '{{\"spec\":{{\"predictor\":{{\"canaryTrafficPercent\":0}}}}}}'")
+        console.print(f"    promote:   {patch} --type merge -p '{{\"spec\":{{\"predictor\":{{\"canaryTrafficPercent\":100}}}}}}'")
+    elif plan.canary is not None:
+        console.print(f"  canary {plan.canary.name}: {plan.canary.options.replicas_min} of "
+                      f"{plan.canary.options.replicas_min + plan.options.replicas_min} pods ({plan.canary_share:.0%} of requests)")
+        console.print(f"    roll back: kubectl scale deployment/{plan.canary.name} --replicas=0")
+        console.print(f"    promote:   trtbuild k8s {plan.canary.repository} --out {out} --force ...; kubectl apply -f {out}/; "
+                      f"kubectl delete deployment {plan.canary.name}")
+    if plan.baseline is not None:
+        console.print(f"  alerts against {plan.baseline.source} ({plan.baseline.load}, p99 {plan.baseline.latency_p99_ms:.1f} ms); "
+                      f"runbook: {plan.rollback}")
 
 
 @click.command("plan")

@@ -27,13 +27,18 @@ HEALTH_CHECK_S = 1.0  # how often `serve` reads the engines' health gauges
               help="Response cache size; 0: what the repository's serving policy asks for (trtbuild.json).")
 @click.option("--rate-limit", type=click.Choice(["execution_count", "off"]), default=None,
               help="Default: execution_count where the repository's serving policy gives models rate-limiter resources.")
+@click.option("--trace-file", type=click.Path(path_type=Path), default=None,
+              help="Where Triton writes traces (off until `trtbuild profile --server` turns them on).")
 def serve(repository: Path, http_port: int, grpc_port: int, metrics_port: int, binary: Path | None, timeout: float,
-          response_cache_bytes: int, rate_limit: str | None) -> None:
+          response_cache_bytes: int, rate_limit: str | None, trace_file: Path | None) -> None:
     """Start a local Triton server on REPOSITORY; Ctrl-C stops it."""
     from trtbuild.deploy.server import ServerOptions, TritonInstall, TritonServer
 
     install = TritonInstall.from_binary(binary) if binary else None
-    options = ServerOptions(http_port, grpc_port, metrics_port, response_cache_bytes=response_cache_bytes, rate_limit=rate_limit)
+    from trtbuild.bench.trace import trace_config_args
+
+    options = ServerOptions(http_port, grpc_port, metrics_port, response_cache_bytes=response_cache_bytes, rate_limit=rate_limit,
+                            extra_args=trace_config_args(trace_file) if trace_file else ())
     server = TritonServer(repository, options, install=install)
     try:
         with _signals_interrupt():

@@ -33,6 +33,7 @@ import jinja2
 import yaml
 
 from trtbuild.deploy import monitoring
+from trtbuild.deploy.alerts import AlertSettings, Baseline, alert_group, baseline_targets, rollback_step
 from trtbuild.atomic import atomic_output_dir
 from trtbuild.deploy.openai import FRONTENDS, OPENAI_PORT, openai_command
 from trtbuild.deploy.probe import PROBE_TIMEOUT_S, generate_probe, probe_model
@@ -75,6 +76,11 @@ class K8sOptions:
     shm_size: str = "2Gi"
     prometheus_release: str = "prometheus"  # label kube-prometheus-stack selects monitors and rules by
     prometheus_url: str = "http://prometheus-operated.monitoring.svc"
+    baseline: Path | None = None  # a `trtbuild bench run` result: regression alerts against it (trtbuild.deploy.alerts)
+    baseline_load: str | None = None
+    alerts: AlertSettings = AlertSettings()
+    canary: Path | None = None  # the candidate repository: a second Deployment behind the same Service
+    canary_percent: int = 10  # share of the pods (so of the requests) the canary gets; KServe: canaryTrafficPercent
 
     def check(self) -> None:
         def positive(flag: str, value: int) -> None:
@@ -96,6 +102,8 @@ class K8sOptions:
             raise TrtbuildError("--model-source s3 needs --s3-uri s3://BUCKET/PREFIX")
         if self.model_source == "pvc" and self.s3_uri:
             raise TrtbuildError("--s3-uri is only used with --model-source s3")
+        if self.canary is not None and not 0 < self.canary_percent < 100:
+            raise TrtbuildError(f"--canary-percent must be in (0, 100), got {self.canary_percent}")
         if not self.hpa_target > 0:
             raise TrtbuildError(f"--hpa-target must be positive, got {self.hpa_target}")
         for flag, value in (("--name", self.name), ("--namespace", self.namespace), ("--pvc-name", self.pvc_name)):
@@ -137,6 +145,34 @@ class DeploymentPlan:
     selector: dict[str, str]
     repository: str
     probe: tuple[str, ...]  # readiness and liveness: a real one-token generate (trtbuild.deploy.probe)
+    entrypoints: tuple[str, ...] = ()  # what clients call, from trtbuild.json: what the alerts watch
+    app: str = ""  # the app.kubernetes.io/name the Service selects (the stable name, also for the canary)
+    track: str | None = None  # stable | canary when a canary is rendered
+    canary: "DeploymentPlan | None" = None
+    baseline: Baseline | None = None
+
+    @property
+    def service_selector(self) -> dict[str, str]:
+        """The Service, PodDisruptionBudget and PodMonitor select every pod of the app, both tracks."""
+        return {"app.kubernetes.io/name": self.app or self.name}
+
+    @property
+    def serverless(self) -> bool:
+        """KServe's canaryTrafficPercent works only in its Serverless (Knative) mode, which scales pods itself."""
+        return self.options.kserve and self.track is not None
+
+    @property
+    def canary_share(self) -> float | None:
+        if self.canary is None:
+            return None
+        if self.options.kserve:
+            return self.options.canary_percent / 100
+        return self.canary.options.replicas_min / (self.canary.options.replicas_min + self.options.replicas_min)
+
+    @property
+    def rollback(self) -> str:
+        return rollback_step(self.workload_name, self.namespace, kserve_canary=self.serverless,
+                             canary=self.canary.name if self.canary else None)
 
     @property
     def startup_failure_threshold(self) -> int:
@@ -229,7 +265,8 @@ def _default_name(spec: dict[str, Any]) -> str:
     return name[:63].rstrip("-")
 
 
-def plan_deployment(repository: Path, options: K8sOptions) -> DeploymentPlan:
+def plan_deployment(repository: Path, options: K8sOptions, *, app: str | None = None, track: str | None = None) -> DeploymentPlan:
+    """The plan of `repository`; with a canary (options.canary), that of the candidate too, as track canary."""
     from trtbuild.repository.render import load_manifest
 
     options.check()
@@ -252,12 +289,24 @@ def plan_deployment(repository: Path, options: K8sOptions) -> DeploymentPlan:
         raise TrtbuildError(f"{where}: the repository has no model '{names.llm}' (models: {', '.join(models) or 'none'})")
     name = options.name or _default_name(spec)
     check_dns_label("--name", name)
-    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "triton",
-              "app.kubernetes.io/part-of": "trtbuild"}
+    if options.canary is not None and track is None:
+        track = "stable"
+    app = app or name
+    if track == "canary" and not options.kserve:  # KServe: the same InferenceService, a new revision
+        name = f"{app}-canary"[:63].rstrip("-")
+    labels = {"app.kubernetes.io/name": app, "app.kubernetes.io/component": "triton",
+              "app.kubernetes.io/part-of": "trtbuild", **({"trtbuild.io/track": track} if track else {})}
     if options.frontend == "openai":
         command = list(openai_command(str(repository), spec, HTTP_PORT, GRPC_PORT))
     else:
         command = launch_command(str(repository), runtime, world_size, names.llm)
+    canary = None
+    if track == "stable":
+        replicas = max(1, round(options.replicas_min * options.canary_percent / (100 - options.canary_percent)))
+        canary = plan_deployment(options.canary, dataclasses.replace(
+            options, canary=None, name=None, replicas_min=replicas, replicas_max=max(replicas, options.replicas_max)),
+            app=app, track="canary")
+    baseline = Baseline.from_bench(options.baseline, options.baseline_load) if options.baseline is not None else None
     return DeploymentPlan(
         name=name,
         namespace=options.namespace,
@@ -271,9 +320,14 @@ def plan_deployment(repository: Path, options: K8sOptions) -> DeploymentPlan:
         mounts=tuple(referenced_mounts(repository, spec)),
         options=options,
         labels=labels,
-        selector={"app.kubernetes.io/name": name},
+        selector={"app.kubernetes.io/name": app, **({"trtbuild.io/track": track} if track else {})},
         repository=str(repository),
         probe=generate_probe(probe_model(manifest), HTTP_PORT),
+        entrypoints=tuple(dict.fromkeys((manifest.get("entrypoints") or {}).values())),
+        app=app,
+        track=track,
+        canary=canary,
+        baseline=baseline,
     )
 
 
@@ -293,7 +347,10 @@ def _indent(text: str, spaces: int) -> str:
 def manifest_files(plan: DeploymentPlan) -> list[str]:
     """Templates to render, each to the file of the same name without .j2."""
     core = ["inferenceservice.yaml"] if plan.options.kserve else ["deployment.yaml", "service.yaml"]
-    return [*core, "hpa.yaml", "pdb.yaml", "podmonitor.yaml", "prometheusrule.yaml", "grafana-dashboard.yaml",
+    if plan.canary is not None:  # KServe's canary is the next revision of the same object: applied after the first
+        core.append("canary/inferenceservice.yaml" if plan.options.kserve else "deployment-canary.yaml")
+    autoscaler = [] if plan.serverless else ["hpa.yaml"]  # Knative scales a Serverless InferenceService
+    return [*core, *autoscaler, "pdb.yaml", "podmonitor.yaml", "prometheusrule.yaml", "grafana-dashboard.yaml",
             "extras/prometheus-adapter-values.yaml", "extras/copy-model.sh"]
 
 
@@ -303,21 +360,26 @@ def render(plan: DeploymentPlan) -> dict[str, str]:
     context = dict(
         p=plan,
         o=plan.options,
-        rule_groups=monitoring.rule_groups(),
+        rule_groups=monitoring.rule_groups() + ([alert_group(plan.baseline, plan.entrypoints, plan.options.alerts, plan.rollback)]
+                                                if plan.baseline else []),
         ratio_metric=monitoring.QUEUE_COMPUTE_RATIO,
-        dashboard_json=monitoring.dashboard_json(),
+        dashboard_json=monitoring.dashboard_json(
+            monitoring.dashboard(extra=baseline_targets(plan.entrypoints)) if plan.baseline else None),
         dashboard_file=monitoring.DASHBOARD_FILE,
         ports=dict(http=HTTP_PORT, grpc=GRPC_PORT, metrics=METRICS_PORT,
                    **({"openai": OPENAI_PORT} if plan.options.frontend == "openai" else {})),
         store_root=STORE_ROOT,
         probe_period=PROBE_PERIOD_S,
         probe_timeout=PROBE_TIMEOUT_S,
+        stable_replicas=plan.options.replicas_min,
     )
     out: dict[str, str] = {}
     for rel in manifest_files(plan):
-        template = f"{TEMPLATE_DIR}/{rel}.j2"
+        canary = rel in ("deployment-canary.yaml", "canary/inferenceservice.yaml")
+        template = f"{TEMPLATE_DIR}/{rel.replace('-canary', '').replace('canary/', '')}.j2"
         try:
-            text = env.get_template(template).render(**context)
+            text = env.get_template(template).render(**(context | {"p": plan.canary, "o": plan.canary.options}
+                                                        if canary else context))
         except jinja2.TemplateError as e:
             raise TrtbuildError(f"template {template}: {e}") from None
         if rel.endswith(".yaml"):
@@ -335,7 +397,8 @@ def generate(repository: Path, out: Path, options: K8sOptions = K8sOptions(), *,
     """Plan, render and write the manifests for `repository` into `out` (atomically)."""
     plan = plan_deployment(repository, options)
     files = render(plan)
-    with atomic_output_dir(Path(out), force=force, inputs=(repository,)) as staging:
+    inputs = (repository, *(p for p in (options.canary, options.baseline) if p is not None))
+    with atomic_output_dir(Path(out), force=force, inputs=inputs) as staging:
         for rel, text in files.items():
             path = staging / rel
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -178,6 +178,7 @@ class Panel:
 
 
 MODEL_FILTER = '{model=~"$model"}'
+LATENCY_PANEL = "Request latency, mean and p95 (entry points)"
 
 
 def _m(selector: str) -> str:
@@ -199,7 +200,7 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
             Target(f"sum by (model) (nv_inference_pending_request_count{MODEL_FILTER})", "{{model}}"),)),
     )),
     ("Server latency", (
-        Panel("Request latency, mean and p95 (entry points)", "ms", (
+        Panel(LATENCY_PANEL, "ms", (
             Target(f"max by (model) (model:nv_inference_request_duration_us:mean1m{_m(ENTRYPOINTS)}) / 1000",
                    "mean {{model}}"),
             Target(f"max by (model) (model:nv_inference_request_summary_us:p95{_m(ENTRYPOINTS)}) / 1000",
@@ -286,8 +287,10 @@ def metric(name: str) -> Metric:
 
 
 # -------------------------------------------------------------------------------------- dashboard
-def dashboard(title: str = "trtbuild / Triton LLM serving") -> dict[str, Any]:
-    """The Grafana dashboard (JSON model, schemaVersion 39) with a data-source and a model variable."""
+def dashboard(title: str = "trtbuild / Triton LLM serving", extra: dict[str, tuple[Target, ...]] | None = None) -> dict[str, Any]:
+    """The Grafana dashboard (JSON model, schemaVersion 39) with a data-source and a model variable;
+    `extra` adds targets to the panels it names (the baseline lines of trtbuild.deploy.alerts)."""
+    extra = extra or {}
     datasource = {"type": "prometheus", "uid": "${datasource}"}
     panels: list[dict[str, Any]] = []
     y = 0
@@ -310,7 +313,7 @@ def dashboard(title: str = "trtbuild / Triton LLM serving") -> dict[str, Any]:
                             "tooltip": {"mode": "multi", "sort": "desc"}},
                 "targets": [{"refId": chr(ord("A") + k), "datasource": datasource, "expr": t.expr,
                              "legendFormat": t.legend, "range": True}
-                            for k, t in enumerate(p.targets)],
+                            for k, t in enumerate(p.targets + extra.get(p.title, ()))],
             })
         y += 8 * ((len(row_panels) + 1) // 2)
     model_query = f"label_values({MODEL_VARIABLE_METRIC}, model)"

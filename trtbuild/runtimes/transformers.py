@@ -49,8 +49,8 @@ def plan_transformers_llm(spec: BuildSpec) -> ModelPlan:
                 ("max_draft_len", spec.max_draft_len),
                 ("max_matching_ngram_size", spec.max_matching_ngram_size),
                 ("engine_stall_timeout_s", spec.engine_stall_timeout_s),
-                *([("fault_injection_stall_prompt", spec.extra["fault_injection_stall_prompt"])]
-                  if spec.extra.get("fault_injection_stall_prompt") else []),
+                # tests and drills: a prompt that wedges the engine, a delay after every step (a slower build)
+                *[(k, v) for k, v in sorted(spec.extra.items()) if k.startswith("fault_injection_") and v],
                 # Triton 2.51's stub mis-reads BYTES tensors under numpy 2 (text_input, text_output): the
                 # text model runs in the numpy<2 environment where one is given, as trtbuild_runtime
                 # needs no transformers (whose scipy/sklearn want numpy 2) and torch takes numpy 1.26
