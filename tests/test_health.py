@@ -41,39 +41,56 @@ def _ready(http: int) -> int:
         return r.status
 
 
-@pytest.mark.parametrize("engine", ["trtbuild", "transformers"])
-def test_a_wedged_engine_fails_fast_the_probe_fails_and_serve_exits(tiny_spec, tmp_path, engine):
+def _wedgeable(tiny_spec, tmp_path, engine):
     spec = dataclasses.replace(tiny_spec, llm_engine=engine, engine_stall_timeout_s=STALL_S,
                                extra={"fault_injection_stall_prompt": WEDGE})
-    repo = generate_repository(spec, tmp_path / "repo")
+    return generate_repository(spec, tmp_path / "repo")
+
+
+def _warm(url: str, alive) -> None:
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            generate(url, "warm up", 2, model="llm")
+            return
+        except GenerationError:
+            assert time.monotonic() < deadline and alive()
+            time.sleep(1)
+
+
+@pytest.mark.parametrize("engine", ["trtbuild", "transformers"])
+def test_a_wedged_engine_fails_fast_and_the_probe_fails_while_ready_says_200(tiny_spec, tmp_path, engine):
+    from trtbuild.deploy.server import TritonServer
+
+    server = TritonServer(_wedgeable(tiny_spec, tmp_path, engine), log_path=tmp_path / "tritonserver.log").start()
+    http = int(server.http_url.rsplit(":", 1)[1])
+    try:
+        assert _probe("llm", http) == 0
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match=r"not healthy \(no progress for"):
+            generate(server.grpc_url, f"please {WEDGE} now", 16, model="ensemble", stream=True)
+        assert time.monotonic() - started < STALL_S + 5  # failed by the watchdog, not by a client timeout
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match="the LLM engine is not healthy"):
+            generate(server.grpc_url, "anyone there?", 4, model="llm_bls")
+        assert time.monotonic() - started < 2  # at once
+        assert _probe("llm", http) != 0
+        assert _ready(http) == 200  # what a probe on readiness would have trusted
+        assert server.unhealthy_engines()["llm"].startswith("no progress for")  # the gauge and the logged reason
+    finally:
+        server.stop()
+
+
+def test_serve_exits_non_zero_naming_the_cause(tiny_spec, tmp_path):
+    repo = _wedgeable(tiny_spec, tmp_path, "trtbuild")
     http, grpc, metrics = _port(), _port(), _port()
     serve = subprocess.Popen([sys.executable, "-m", "trtbuild", "serve", str(repo), "--http-port", str(http),
                               "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"127.0.0.1:{grpc}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                generate(url, "warm up", 2, model="llm")
-                break
-            except GenerationError:
-                assert time.monotonic() < deadline and serve.poll() is None, serve.stdout.read()
-                time.sleep(1)
-        assert _probe("llm", http) == 0
-
-        started = time.monotonic()
-        with pytest.raises(GenerationError, match=r"not healthy \(no progress for"):
-            generate(url, f"please {WEDGE} now", 16, model="ensemble", stream=True)
-        assert time.monotonic() - started < STALL_S + 5  # failed by the watchdog, not by a client timeout
-
-        started = time.monotonic()
-        with pytest.raises(GenerationError, match="the LLM engine is not healthy"):
-            generate(url, "anyone there?", 4, model="llm_bls")
-        assert time.monotonic() - started < 2  # at once
-
-        assert _probe("llm", http) != 0
-        assert _ready(http) == 200 or serve.poll() is not None  # what a probe on readiness would have trusted
+        _warm(f"127.0.0.1:{grpc}", lambda: serve.poll() is None)
+        with pytest.raises(GenerationError):
+            generate(f"127.0.0.1:{grpc}", f"please {WEDGE} now", 16, model="llm")
         serve.wait(timeout=30)
         output = serve.stdout.read()
         assert serve.returncode == 2, output
