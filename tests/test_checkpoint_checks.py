@@ -87,3 +87,31 @@ def test_a_kv_pool_that_cannot_fit_this_cpu_is_refused_when_the_repository_is_ge
     assert not out.exists()
     fits = CliRunner().invoke(main, ["repo", str(tiny_checkpoint), "--out", str(out), "--device", "cpu", "--max-batch-size", "64"])
     assert fits.exit_code == 0, fits.output
+
+
+def test_a_build_that_cannot_fit_the_named_gpu_is_refused(tiny_checkpoint, tmp_path):
+    out = tmp_path / "repo"
+    result = CliRunner().invoke(main, ["repo", str(tiny_checkpoint), "--out", str(out), "--device", "cuda", "--gpu-mem-gib", "0.001"])
+    assert result.exit_code == 2 and "cannot be served on a 0.0 GiB GPU: the weights" in result.output, result.output
+    assert not out.exists()
+    fits = CliRunner().invoke(main, ["repo", str(tiny_checkpoint), "--out", str(out), "--device", "cuda", "--gpu-mem-gib", "80"])
+    assert fits.exit_code == 0, fits.output
+
+
+@pytest.mark.server
+def test_serve_names_the_model_that_failed_to_load_and_why(tiny_spec, tmp_path):
+    """A checkpoint broken after the repository was generated: the cause from Triton's log, not only
+    "failed to load all models"."""
+    import dataclasses
+
+    from trtbuild.deploy.server import TritonServer
+    from trtbuild.errors import TrtbuildError
+    from trtbuild.runtimes import generate
+
+    ckpt = _copy(tiny_spec.checkpoint, tmp_path)
+    repo = generate(dataclasses.replace(tiny_spec, checkpoint=ckpt), tmp_path / "repo")
+    cut_in_half(ckpt)
+    server = TritonServer(repo, log_path=tmp_path / "tritonserver.log")
+    with pytest.raises(TrtbuildError) as failed:
+        server.start(timeout=120)
+    assert "model 'llm': Internal: SafetensorError" in str(failed.value), str(failed.value)

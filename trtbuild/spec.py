@@ -194,6 +194,8 @@ class BuildSpec:
     max_matching_ngram_size: int = ENGINE_DEFAULTS["max_matching_ngram_size"]
     # the LLM step's health: an engine with requests in flight and no progress for this long is wedged
     engine_stall_timeout_s: float = 60.0
+    # the GPU the build is for, when it is not the one visible here: repo checks the build fits it
+    gpu_mem_gib: float | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -244,6 +246,8 @@ class BuildSpec:
             raise TrtbuildError("--kv-cache-free-gpu-mem-fraction must be in (0, 1]")
         positive("kv_cache_page_size", self.kv_cache.page_size)
         positive("max_num_tokens", self.max_num_tokens)
+        if self.gpu_mem_gib is not None and not self.gpu_mem_gib > 0:
+            raise TrtbuildError(f"--gpu-mem-gib must be > 0, got {self.gpu_mem_gib}")
         if not self.engine_stall_timeout_s > 0:
             raise TrtbuildError(f"--engine-stall-timeout-s must be > 0, got {self.engine_stall_timeout_s}")
         if self.stream_interval_ms < 0 or self.stream_max_tokens < 0:

@@ -61,6 +61,8 @@ def build_options(f):
                      help="Reuse the KV blocks of shared prompt prefixes (prefix caching)."),
         click.option("--stream-interval-ms", type=float, default=_SPEC["stream_interval_ms"], show_default=True,
                      help="Streaming: at most one response per stream this often; tokens in between go together (0: no wait)."),
+        click.option("--gpu-mem-gib", type=float, default=None,
+                     help="Memory of the GPU the build is for (default: the visible one); repo refuses a build that cannot fit it."),
         click.option("--engine-stall-timeout-s", type=float, default=_SPEC["engine_stall_timeout_s"], show_default=True,
                      help="Health: an LLM engine with requests in flight and no progress for this long fails them and "
                           "new ones until the server is restarted."),

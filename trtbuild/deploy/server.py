@@ -260,9 +260,10 @@ class TritonServer:
         started = time.monotonic()
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                causes = self.load_failures()
                 raise TrtbuildError(
                     f"tritonserver exited with code {self.process.returncode} while loading {self.repository}:\n"
-                    + self.log_tail(),
+                    + ("\n".join(causes) if causes else self.log_tail()),
                     hint=f"full log: {self.log_path}",
                 )
             if self.is_ready():
@@ -281,6 +282,17 @@ class TritonServer:
                 return r.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
+
+    def load_failures(self) -> list[str]:
+        """Why models failed to load, one line each, from Triton's log: the cause, not "failed to load all models"."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        found = {}
+        for model, why in re.findall(r'failed to load \'([^\']+)\' version \d+: (.*?)(?:\\n|"$)', text, re.M):
+            found.setdefault(model, f"model '{model}': {why.strip()}")
+        return list(found.values())
 
     def log_tail(self, lines: int = 30) -> str:
         try:

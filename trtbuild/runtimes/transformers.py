@@ -78,22 +78,39 @@ def write(spec: BuildSpec, out: Path, force: bool = False) -> Written:
 
 
 def check_memory(spec: BuildSpec) -> None:
-    """On a CPU the KV pool holds max_batch_size full sequences: refuse here, with the numbers, what the
-    server would refuse at load (on a GPU the pool is sized from the memory free at load)."""
+    """Refuse here, with the numbers, a build the server would refuse at load. On a CPU the KV pool holds
+    max_batch_size full sequences; on a GPU (`--gpu-mem-gib`, else the visible device) the pool is sized
+    from the memory left at load, so the weights and one full sequence must fit."""
+    import torch
+
     from trtbuild_runtime.config import resolve_device
     from trtbuild_runtime.memory import OutOfMemory, check_cpu_pool, kv_block_bytes
 
-    if resolve_device(spec.device) != "cpu":
+    m, kv = spec.model, spec.kv_cache
+    device = "cuda" if spec.gpu_mem_gib else resolve_device(spec.device)
+    on_cpu = device == "cpu"
+    itemsize = 1 if kv.dtype == "fp8" else 4 if on_cpu and spec.dtype in ("auto", "float32") else 2  # CPU: 16-bit runs as fp32
+    block = kv_block_bytes(m.num_layers, kv.page_size, m.num_kv_heads, m.head_dim, itemsize)
+    shape = f"--max-batch-size {spec.max_batch_size} x --max-input-len + --max-output-len {spec.max_seq_len}"
+    hint = "lower --max-batch-size or --max-input-len/--max-output-len, or use --kv-cache-dtype fp8"
+    if on_cpu:
+        try:
+            check_cpu_pool(kv.blocks_for(spec.max_batch_size, spec.max_seq_len), block, kv.page_size)
+        except OutOfMemory as e:
+            raise TrtbuildError(f"{shape} cannot be served on this CPU: {e}", hint=hint) from None
         return
-    m = spec.model
-    itemsize = 1 if spec.kv_cache.dtype == "fp8" else 4 if spec.dtype in ("auto", "float32") else 2  # CPU: 16-bit runs as fp32
-    block = kv_block_bytes(m.num_layers, spec.kv_cache.page_size, m.num_kv_heads, m.head_dim, itemsize)
-    try:
-        check_cpu_pool(spec.kv_cache.blocks_for(spec.max_batch_size, spec.max_seq_len), block, spec.kv_cache.page_size)
-    except OutOfMemory as e:
-        raise TrtbuildError(f"--max-batch-size {spec.max_batch_size} x --max-input-len + --max-output-len {spec.max_seq_len} "
-                            f"cannot be served on this CPU: {e}",
-                            hint="lower --max-batch-size or --max-input-len/--max-output-len, or use --kv-cache-dtype fp8") from None
+    total = spec.gpu_mem_gib * 2**30 if spec.gpu_mem_gib else (
+        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
+    if total is None:
+        return  # no GPU here and none named: the server sizes the pool at load
+    weight_bits = {"fp8": 8, "int4_wo": 4, "int4_awq": 4, "int4_gptq": 4}.get(spec.quantization, 32 if spec.torch_dtype == "float32" else 16)
+    weights = m.num_parameters * weight_bits / 8
+    sequence = -(-spec.max_seq_len // kv.page_size) * block
+    usable = total * kv.free_gpu_mem_fraction
+    if weights + sequence > usable:
+        raise TrtbuildError(f"{shape} cannot be served on a {total / 2**30:.1f} GiB GPU: the weights ({weights / 2**30:.2f} GiB) "
+                            f"and one full sequence's KV cache ({sequence / 2**30:.2f} GiB) exceed "
+                            f"{kv.free_gpu_mem_fraction:.0%} of it", hint="a larger GPU, --quantization fp8, or " + hint)
 
 
 def spec(request: RepoRequest) -> BuildSpec:
