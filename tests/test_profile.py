@@ -51,3 +51,19 @@ def test_profile_sources_and_kinds(tiny_checkpoint, tmp_path):
         from trtbuild.bench.profile import profile
 
         profile(ProfileConfig(tiny_checkpoint, "cpu", 0))
+
+
+def test_an_unreadable_frame_name_is_retried_then_refused(tiny_checkpoint, monkeypatch):
+    """torch's Python tracer now and then records a frame name of garbage bytes: a new pass, then a clear error."""
+    from trtbuild.bench import profile as module
+
+    calls = []
+
+    def unreadable(*args):
+        calls.append(args)
+        raise UnicodeDecodeError("utf-8", b"\x90", 0, 1, "invalid start byte")
+
+    monkeypatch.setattr(module, "_profiled_steps", unreadable)
+    with pytest.raises(TrtbuildError, match=f"unreadable frame name {module.PROFILE_ATTEMPTS} times"):
+        module.profile(ProfileConfig(tiny_checkpoint, "cpu", 1, input_tokens=8, output_tokens=2))
+    assert len(calls) == module.PROFILE_ATTEMPTS

@@ -26,6 +26,7 @@ from typing import Any
 
 from trtbuild.errors import TrtbuildError
 
+PROFILE_ATTEMPTS = 3
 MODULES = {  # kind -> the runtime module whose frames an operator's Python stack passes through
     "attention": ("trtbuild_runtime/attention.py", "trtbuild_runtime/kernels.py"),
     "sampling": ("trtbuild_runtime/sampler.py",),
@@ -122,7 +123,6 @@ def profile(config: ProfileConfig) -> tuple[ProfileResult, Any]:
     """Run and profile; returns the result and the torch profiler (for its Chrome trace)."""
     import torch
     from torch.profiler import ProfilerActivity, record_function
-    from torch.profiler import profile as torch_profile
 
     from trtbuild_runtime import LLMEngine, SamplingParams
     from trtbuild_runtime.config import resolve_device
@@ -153,7 +153,26 @@ def profile(config: ProfileConfig) -> tuple[ProfileResult, Any]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    steps: list[tuple[str, float, float]] = []  # (phase, step s, runner s)
+    try:
+        for _ in range(PROFILE_ATTEMPTS):
+            try:
+                prof, steps = _profiled_steps(engine, prompts, params, activities, device, run_time)
+                return _summarize(config, device, batch, prof, steps), prof
+            except UnicodeDecodeError as e:  # torch's Python tracer now and then names a frame with garbage bytes
+                unreadable = e
+        raise TrtbuildError(f"torch's profiler recorded an unreadable frame name {PROFILE_ATTEMPTS} times ({unreadable})",
+                            hint="run the command again")
+    finally:
+        engine.runner.run = run
+
+
+def _profiled_steps(engine, prompts, params, activities, device: str, run_time: list[float]):
+    """One profiled pass over the prompts: the profiler and (phase, step s, runner s) per engine step."""
+    import torch
+    from torch.profiler import profile as torch_profile
+    from torch.profiler import record_function
+
+    steps: list[tuple[str, float, float]] = []
     with torch_profile(activities=activities, profile_memory=True, record_shapes=False, with_stack=True) as prof:
         for k, prompt in enumerate(prompts):
             engine.add_request(f"profile-{k}", prompt, params)
@@ -167,8 +186,8 @@ def profile(config: ProfileConfig) -> tuple[ProfileResult, Any]:
                 torch.cuda.synchronize()
             steps.append((phase, time.perf_counter() - start, run_time[0]))
             phase = "decode"
-    engine.runner.run = run
-    return _summarize(config, device, batch, prof, steps), prof
+    prof.events()  # built here, where an unreadable name can still be retried
+    return prof, steps
 
 
 def _summarize(config: ProfileConfig, device: str, batch: int, prof, steps) -> ProfileResult:
