@@ -257,8 +257,10 @@ class Blocker:
     def __init__(self, server: TritonServer, count: int = 2):
         self.stream, self.count = Stream(server), count
         for i in range(count):
+            # apart, so the text model's batcher cannot take them in one batch: one runs, the rest wait
+            time.sleep(0.2 if i else 0.0)
             self.stream.send("llm", f"blocker{i}", text=self.TEXT)
-        _wait_pending(server, "llm", 1)  # one runs, one waits: the instance is busy
+        _wait_pending(server, "llm", 1)  # the instance is busy
 
     def join(self) -> None:
         finals = self.stream.wait(self.count)
