@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--agreement-prompts", type=int, default=64)
     ap.add_argument("--stream-interval-ms", type=float, default=0.0, help="the served repository's --stream-interval-ms")
     ap.add_argument("--triton-models", default="ensemble,llm,llm_bls",
-                    help="served paths, in order (llm_bls last: its stub can die under load on Triton 2.51, bench/README.md)")
+                    help="served paths, in order (each an entry point of the repository: ensemble, llm_bls, llm)")
     ap.add_argument("--stages", default="hf_static,engine,agreement,profile,triton,hf_compiled")
     ap.add_argument("--budget-s", type=float, default=540, help="the compiled baseline is skipped when less than 150 s is left")
     ap.add_argument("--quick", action="store_true", help="a 3-minute subset: no compiled baseline, fewer points")
